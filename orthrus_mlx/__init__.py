@@ -1,0 +1,20 @@
+"""orthrus-mlx: exact, diffusion-drafted decoding of Orthrus (Qwen3) models on MLX."""
+
+from .decode import DecodeStats, SamplingParams
+from .generate import GenerationResponse, generate, mlx_generate, stream_generate
+from .loader import load, load_model, load_model_and_tokenizer
+from .model import Model, ModelArgs
+
+__all__ = [
+    "DecodeStats",
+    "GenerationResponse",
+    "Model",
+    "ModelArgs",
+    "SamplingParams",
+    "generate",
+    "load",
+    "load_model",
+    "load_model_and_tokenizer",
+    "mlx_generate",
+    "stream_generate",
+]

@@ -1,0 +1,184 @@
+"""Load an Orthrus (or plain Qwen3) checkpoint from a folder or a Hugging Face repo id."""
+
+import json
+import struct
+import warnings
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
+
+import mlx.core as mx
+from mlx.utils import tree_flatten, tree_map
+from mlx_lm.utils import load_model as mlx_lm_load_model
+from mlx_lm.utils import load_tokenizer
+
+from .model import DIFFUSION_PARAMS, Model, ModelArgs
+
+HUB_FILES = ["*.json", "*.safetensors", "*.jinja", "*.txt", "tokenizer.model"]
+DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
+
+
+def resolve_model_path(path_or_repo: Union[str, Path], revision: Optional[str] = None) -> Path:
+    """A local folder as is; anything else is fetched from the Hugging Face Hub."""
+    path = Path(path_or_repo).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise NotADirectoryError(f"Expected a model folder, got a file: {path}")
+        return path
+    repo = str(path_or_repo)
+    if repo.startswith((".", "/", "~")) or repo.count("/") != 1:
+        raise FileNotFoundError(f"No model folder at {path}")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo, revision=revision, allow_patterns=HUB_FILES))
+    except Exception as e:  # the hub's own errors say little about what was asked for
+        raise FileNotFoundError(
+            f"No local folder {path} and could not fetch '{repo}' from the Hugging Face Hub: {e}"
+        ) from e
+
+
+def read_config(model_path: Path) -> Dict[str, Any]:
+    config_file = model_path / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"No config.json in {model_path}")
+    with open(config_file) as f:
+        config = json.load(f)
+    eos = eos_list(config.get("eos_token_id"))
+    generation_file = model_path / "generation_config.json"
+    if generation_file.is_file():
+        with open(generation_file) as f:
+            eos += eos_list(json.load(f).get("eos_token_id"))
+    config["eos_token_id"] = sorted(set(eos))
+    return config
+
+
+def eos_list(value: Union[int, Iterable[int], None]) -> List[int]:
+    if value is None:
+        return []
+    return [int(value)] if isinstance(value, int) else [int(v) for v in value]
+
+
+def weight_files(model_path: Path) -> List[Path]:
+    index = model_path / "model.safetensors.index.json"
+    if index.is_file():
+        with open(index) as f:
+            names = sorted(set(json.load(f)["weight_map"].values()))
+        files = [model_path / n for n in names]
+        missing = [str(f) for f in files if not f.is_file()]
+        if missing:
+            raise FileNotFoundError(f"Shards listed in {index} are missing: {missing}")
+        return files
+    files = sorted(model_path.glob("model*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"No model*.safetensors in {model_path}")
+    return files
+
+
+def read_safetensors_header(path: Path) -> Dict[str, Any]:
+    """The tensor names, dtypes and shapes of a safetensors file, without its data."""
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > path.stat().st_size - 8:
+                raise ValueError(f"header length {n} is past the end of the file")
+            header = json.loads(f.read(n))
+    except (struct.error, ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"Corrupt safetensors header in {path}: {e}") from e
+    header.pop("__metadata__", None)
+    return header
+
+
+def check_tensors(args: ModelArgs, config: Dict[str, Any], files: List[Path]) -> None:
+    """Name every missing, unexpected or misshapen tensor before loading any data."""
+    shapes = {}
+    for f in files:
+        shapes.update({k: v["shape"] for k, v in read_safetensors_header(f).items()})
+    has_diff_tensors = any(k.split(".")[-2] in DIFFUSION_PARAMS for k in shapes)
+    if has_diff_tensors and not args.has_diffusion:
+        raise ValueError(
+            "The checkpoint has diffusion tensors (*_proj_diff) but its config.json "
+            "lacks block_size and/or mask_token_id."
+        )
+    if "quantization" in config:
+        return  # packed shapes: mlx-lm's strict load checks names and shapes
+    model = Model(args)
+    expected = {k: list(v.shape) for k, v in tree_flatten(model.parameters())}
+    given = {k: v for k, v in shapes.items() if "rotary_emb.inv_freq" not in k}
+    if args.tie_word_embeddings:
+        given.pop("lm_head.weight", None)
+    missing = sorted(set(expected) - set(given))
+    extra = sorted(set(given) - set(expected))
+    if missing:
+        raise ValueError(f"Missing tensors in the checkpoint: {missing[:10]}")
+    if extra:
+        raise ValueError(f"Unexpected tensors in the checkpoint: {extra[:10]}")
+    for name, shape in given.items():
+        if shape != expected[name]:
+            raise ValueError(
+                f"Tensor {name} has shape {tuple(shape)}, expected {tuple(expected[name])}"
+            )
+
+
+def model_args(config: Dict[str, Any]) -> ModelArgs:
+    args = ModelArgs.from_dict(config)
+    if not args.has_diffusion:
+        warnings.warn(
+            "config.json has no block_size/mask_token_id: this is a plain Qwen3 "
+            "checkpoint, running in AR mode without diffusion drafting.",
+            stacklevel=3,
+        )
+        return args
+    if args.block_size < 2:
+        raise ValueError(f"block_size must be >= 2, got {args.block_size}")
+    if not 0 <= args.mask_token_id < args.vocab_size:
+        raise ValueError(
+            f"mask_token_id {args.mask_token_id} is outside the vocabulary [0, {args.vocab_size})"
+        )
+    return args
+
+
+def load_model(
+    path_or_repo: Union[str, Path],
+    dtype: Optional[str] = None,
+    revision: Optional[str] = None,
+    lazy: bool = False,
+) -> Tuple[Model, Dict[str, Any]]:
+    """The model alone (no tokenizer), in the checkpoint's dtype unless `dtype` is given."""
+    if dtype is not None and dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    model_path = resolve_model_path(path_or_repo, revision)
+    config = read_config(model_path)
+    args = model_args(config)
+    check_tensors(args, config, weight_files(model_path))
+    model, config = mlx_lm_load_model(
+        model_path,
+        lazy=True,
+        model_config={"eos_token_id": config["eos_token_id"]},
+        get_model_classes=lambda config: (Model, ModelArgs),
+    )
+    if dtype is not None:
+        cast = lambda p: p.astype(DTYPES[dtype]) if mx.issubdtype(p.dtype, mx.floating) else p
+        model.update(tree_map(cast, model.parameters()))
+    if not lazy:
+        mx.eval(model.parameters())
+    return model, config
+
+
+def load(
+    path_or_repo: Union[str, Path],
+    dtype: Optional[str] = None,
+    revision: Optional[str] = None,
+    lazy: bool = False,
+    tokenizer_config: Optional[Dict[str, Any]] = None,
+    return_config: bool = False,
+):
+    """(model, tokenizer) from a local folder or a Hugging Face repo id, like `mlx_lm.load`."""
+    model_path = resolve_model_path(path_or_repo, revision)
+    model, config = load_model(model_path, dtype=dtype, lazy=lazy)
+    tokenizer = load_tokenizer(
+        model_path, tokenizer_config, eos_token_ids=config["eos_token_id"]
+    )
+    return (model, tokenizer, config) if return_config else (model, tokenizer)
+
+
+load_model_and_tokenizer = load
