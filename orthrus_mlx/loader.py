@@ -13,6 +13,8 @@ from mlx_lm.utils import load_tokenizer
 
 from .model import DIFFUSION_PARAMS, Model, ModelArgs
 
+# The small trained checkpoint the repo ships: the default of every command.
+DEFAULT_MODEL = Path(__file__).parent / "assets" / "orthrus-tiny"
 HUB_FILES = ["*.json", "*.safetensors", "*.jinja", "*.txt", "tokenizer.model"]
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 
