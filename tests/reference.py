@@ -1,0 +1,105 @@
+"""A deliberately naive Orthrus in numpy (float64, explicit per-head loops).
+
+Written from ORTHRUS.md alone, sharing no code with the package, so that the
+MLX and PyTorch models can be checked against it.
+"""
+
+import numpy as np
+
+
+def rms_norm(x, weight, eps):
+    return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * weight
+
+
+def rope(x, positions, theta):
+    """Rotate-half RoPE on [T, D] at the given absolute positions."""
+    half = x.shape[-1] // 2
+    inv_freq = theta ** (-np.arange(half) * 2.0 / x.shape[-1])
+    angles = np.asarray(positions, dtype=np.float64)[:, None] * inv_freq[None, :]
+    cos, sin = np.cos(angles), np.sin(angles)
+    x1, x2 = x[:, :half], x[:, half:]
+    return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+def softmax(x):
+    e = np.exp(x - x.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+class NaiveOrthrus:
+    def __init__(self, config, weights):
+        self.c = config
+        self.w = {k: np.asarray(v, dtype=np.float64) for k, v in weights.items()}
+
+    def project(self, layer, x, positions, view):
+        """Per-head q, k, v lists for hidden states x [T, D] through one view."""
+        c, w, p = self.c, self.w, f"model.layers.{layer}.self_attn."
+        hd, eps = c["head_dim"], c["rms_norm_eps"]
+        q = x @ w[f"{p}q_proj{view}.weight"].T
+        k = x @ w[f"{p}k_proj{view}.weight"].T
+        v = x @ w[f"{p}v_proj{view}.weight"].T
+        qs, ks, vs = [], [], []
+        for h in range(c["num_attention_heads"]):
+            qh = rms_norm(q[:, h * hd : (h + 1) * hd], w[f"{p}q_norm{view}.weight"], eps)
+            qs.append(rope(qh, positions, c["rope_theta"]))
+        for h in range(c["num_key_value_heads"]):
+            kh = rms_norm(k[:, h * hd : (h + 1) * hd], w[f"{p}k_norm{view}.weight"], eps)
+            ks.append(rope(kh, positions, c["rope_theta"]))
+            vs.append(v[:, h * hd : (h + 1) * hd])
+        return qs, ks, vs
+
+    def attend(self, layer, qs, keys, values, allowed, view):
+        """allowed[i, j]: query i may see key j."""
+        c, w = self.c, self.w
+        group = c["num_attention_heads"] // c["num_key_value_heads"]
+        heads = []
+        for h, q in enumerate(qs):
+            k, v = keys[h // group], values[h // group]
+            scores = q @ k.T / np.sqrt(c["head_dim"])
+            scores = np.where(allowed, scores, -np.inf)
+            heads.append(softmax(scores) @ v)
+        out = np.concatenate(heads, axis=-1)
+        return out @ w[f"model.layers.{layer}.self_attn.o_proj{view}.weight"].T
+
+    def mlp_block(self, layer, h):
+        w, p, eps = self.w, f"model.layers.{layer}.", self.c["rms_norm_eps"]
+        x = rms_norm(h, w[f"{p}post_attention_layernorm.weight"], eps)
+        gate = x @ w[f"{p}mlp.gate_proj.weight"].T
+        up = x @ w[f"{p}mlp.up_proj.weight"].T
+        return h + (gate / (1 + np.exp(-gate)) * up) @ w[f"{p}mlp.down_proj.weight"].T
+
+    def logits(self, h):
+        w = self.w
+        h = rms_norm(h, w["model.norm.weight"], self.c["rms_norm_eps"])
+        head = w["model.embed_tokens.weight"] if self.c["tie_word_embeddings"] else w["lm_head.weight"]
+        return h @ head.T
+
+    def ar(self, tokens):
+        """Causal AR logits [T, V] and each layer's (keys, values) per KV head."""
+        T = len(tokens)
+        h = self.w["model.embed_tokens.weight"][tokens]
+        cache = []
+        for layer in range(self.c["num_hidden_layers"]):
+            x = rms_norm(h, self.w[f"model.layers.{layer}.input_layernorm.weight"], self.c["rms_norm_eps"])
+            qs, ks, vs = self.project(layer, x, range(T), "")
+            cache.append((ks, vs))
+            causal = np.tril(np.ones((T, T), dtype=bool))
+            h = h + self.attend(layer, qs, ks, vs, causal, "")
+            h = self.mlp_block(layer, h)
+        return self.logits(h), cache
+
+    def draft(self, prefix, block):
+        """Diffusion logits [K, V] for `block` at positions len(prefix)..; non-causal."""
+        n, K = len(prefix), len(block)
+        _, cache = self.ar(prefix)
+        h = self.w["model.embed_tokens.weight"][block]
+        for layer in range(self.c["num_hidden_layers"]):
+            x = rms_norm(h, self.w[f"model.layers.{layer}.input_layernorm.weight"], self.c["rms_norm_eps"])
+            qs, ks, vs = self.project(layer, x, range(n, n + K), "_diff")
+            cached_k, cached_v = cache[layer]
+            keys = [np.concatenate([ck, k]) for ck, k in zip(cached_k, ks)]
+            values = [np.concatenate([cv, v]) for cv, v in zip(cached_v, vs)]
+            everything = np.ones((K, n + K), dtype=bool)
+            h = h + self.attend(layer, qs, keys, values, everything, "_diff")
+            h = self.mlp_block(layer, h)
+        return self.logits(h)
