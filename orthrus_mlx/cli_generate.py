@@ -1,0 +1,168 @@
+"""`orthrus-mlx generate`: one prompt in, text out, with mlx-lm's flags.
+
+The model, sampling and chat-template flags are defined here once and shared by
+`chat` and `server`, so the three commands spell every option the same way.
+"""
+
+import argparse
+import json
+import sys
+from typing import Any, Dict, List, Optional
+
+from .decode import SamplingParams
+from .generate import generate
+from .loader import DEFAULT_MODEL, load
+
+DEFAULT_PROMPT = "hello"
+DEFAULT_MAX_TOKENS = 256
+
+
+def str2bool(value: str) -> bool:
+    return value.lower() not in ("false", "f", "0", "no")
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model",
+        default=None,
+        help=f"Local model folder or Hugging Face repo (default: the shipped {DEFAULT_MODEL.name})",
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=["float32", "float16", "bfloat16"],
+        default=None,
+        help="Cast the weights (default: the checkpoint's dtype)",
+    )
+
+
+def add_sampling_arguments(parser: argparse.ArgumentParser, max_tokens: int) -> None:
+    parser.add_argument(
+        "--max-tokens", "-m", type=int, default=max_tokens, help="Maximum number of tokens to generate"
+    )
+    parser.add_argument("--temp", type=float, default=0.0, help="Sampling temperature (0: greedy)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="Sampling top-p (1: off)")
+    parser.add_argument("--top-k", type=int, default=0, help="Sampling top-k (0: off)")
+    parser.add_argument("--seed", type=int, default=None, help="PRNG seed")
+    parser.add_argument(
+        "--no-diffusion",
+        action="store_true",
+        help="Plain autoregressive decoding, no diffusion drafting (same output, slower)",
+    )
+    parser.add_argument(
+        "--block-size", type=int, default=None, help="Draft block length (default: the checkpoint's)"
+    )
+
+
+def add_chat_template_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--system-prompt", default=None, help="System prompt to be used for the chat template"
+    )
+    parser.add_argument(
+        "--chat-template-args",
+        "--chat-template-config",
+        dest="chat_template_args",
+        type=json.loads,
+        default=None,
+        help='Extra arguments for the chat template, as a JSON object, e.g. \'{"enable_thinking": false}\'',
+    )
+    parser.add_argument(
+        "--enable-thinking",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="Qwen3 thinking on or off (default: the template's own default)",
+    )
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model_arguments(parser)
+    parser.add_argument(
+        "--prompt", "-p", default=DEFAULT_PROMPT, help="Message to be processed by the model ('-' reads stdin)"
+    )
+    add_chat_template_arguments(parser)
+    parser.add_argument(
+        "--ignore-chat-template",
+        action="store_true",
+        help="Use the raw prompt without the tokenizer's chat template",
+    )
+    add_sampling_arguments(parser, DEFAULT_MAX_TOKENS)
+    parser.add_argument(
+        "--verbose",
+        type=str2bool,
+        nargs="?",
+        const=True,
+        default=False,
+        help="Print prompt and generation speed, tokens per step and peak memory",
+    )
+
+
+def sampling_params(args: argparse.Namespace) -> SamplingParams:
+    """Check the sampling flags before the (slow) model load; raises ValueError."""
+    if args.max_tokens < 0:
+        raise ValueError(f"--max-tokens must be >= 0, got {args.max_tokens}")
+    if args.block_size is not None and args.block_size < 1:
+        raise ValueError(f"--block-size must be >= 1, got {args.block_size}")
+    return SamplingParams(args.temp, args.top_p, args.top_k, args.seed)
+
+
+def generation_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
+    """The `mlx_generate` options the sampling flags map onto."""
+    return dict(
+        temperature=args.temp,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+        use_diffusion=not args.no_diffusion,
+        block_size=args.block_size,
+    )
+
+
+def template_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
+    kwargs = dict(args.chat_template_args or {})
+    if not isinstance(kwargs, dict):
+        raise ValueError("--chat-template-args must be a JSON object")
+    if args.enable_thinking is not None:
+        kwargs["enable_thinking"] = args.enable_thinking
+    return kwargs
+
+
+def load_from_args(args: argparse.Namespace):
+    return load(args.model or DEFAULT_MODEL, dtype=args.dtype)
+
+
+def chat_prompt(
+    tokenizer, messages: List[Dict[str, Any]], template_args: Dict[str, Any]
+) -> List[int]:
+    """The chat template's rendering of `messages`, ready for the assistant's answer."""
+    text = tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=True, **template_args
+    )
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def with_system(system_prompt: Optional[str], messages: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    if system_prompt is None:
+        return list(messages)
+    return [{"role": "system", "content": system_prompt}] + list(messages)
+
+
+def run(args: argparse.Namespace) -> int:
+    sampling_params(args)
+    kwargs = template_kwargs(args)
+    prompt = args.prompt.replace("\\n", "\n").replace("\\t", "\t")
+    if prompt == "-":
+        prompt = sys.stdin.read()
+    model, tokenizer = load_from_args(args)
+    if not args.ignore_chat_template and tokenizer.has_chat_template:
+        messages = with_system(args.system_prompt, [{"role": "user", "content": prompt}])
+        prompt = chat_prompt(tokenizer, messages, kwargs)
+    text = generate(
+        model,
+        tokenizer,
+        prompt,
+        verbose=args.verbose,
+        max_tokens=args.max_tokens,
+        **generation_kwargs(args),
+    )
+    if not args.verbose:
+        print(text, flush=True)
+    return 0
