@@ -1,0 +1,173 @@
+"""The shared decoding step: a scripted backend, then greedy MLX decoding vs mlx-lm's own AR loop."""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx_lm.generate import generate_step
+from mlx_lm.models import qwen3
+
+from orthrus_mlx import DecodeStats, load_model, mlx_generate
+from orthrus_mlx.decode import SamplingParams, Scores, accept, decode
+from orthrus_mlx.testing import random_weights, save_checkpoint, tiny_config
+
+
+class ScriptedBackend:
+    """The 'model' continues token x with (x + 1) % 50; drafts are right for `good` positions."""
+
+    vocab_size, max_positions = 50, 1000
+
+    def __init__(self, good: int):
+        self.good = good
+        self.cache = 0
+        self.passes = []
+
+    def prefill(self, tokens, params):
+        self.cache += len(tokens)
+        return (tokens[-1] + 1) % 50
+
+    def draft(self, token, length, params):
+        self.passes.append(("draft", self.cache, length))
+        truth = [(token + i) % 50 for i in range(1, length)]
+        return [t if i < self.good else 49 for i, t in enumerate(truth)]
+
+    def verify(self, token, drafted, params):
+        block = [token] + (drafted or [])
+        self.passes.append(("verify", self.cache, len(block)))
+        self.cache += len(block)
+        return Scores(drafted or [], [(t + 1) % 50 for t in block])
+
+    def trim(self, n):
+        self.cache -= n
+
+    def cache_length(self):
+        return self.cache
+
+
+@pytest.mark.parametrize("good", [0, 2, 7, 100])
+def test_step_emits_accepted_drafts_plus_bonus_and_trims_the_cache(good):
+    backend, stats = ScriptedBackend(good), DecodeStats()
+    out = list(decode(backend, [3, 4], max_tokens=20, eos_token_id=None, block_size=8, stats=stats))
+    assert out == [(5 + i) % 50 for i in range(20)]
+    per_step = min(good, 7) + 1
+    assert stats.tokens_per_step[:-1] == [per_step] * (len(stats.tokens_per_step) - 1)
+    # The cache holds the prompt and every emitted token but the last.
+    assert backend.cache == 2 + 20 - 1
+    # Each step drafts from the committed state, then verifies at the same position.
+    for (d, d_at, d_len), (v, v_at, v_len) in zip(backend.passes[::2], backend.passes[1::2]):
+        assert (d, v, d_at, d_len) == ("draft", "verify", v_at, v_len)
+
+
+def test_block_shrinks_to_fit_max_tokens_and_stops_at_eos_inside_a_block():
+    backend = ScriptedBackend(good=100)
+    out = list(decode(backend, [0], max_tokens=12, eos_token_id=None, block_size=8))
+    assert len(out) == 12
+    assert [length for kind, _, length in backend.passes if kind == "verify"] == [8, 3]
+
+    backend, stats = ScriptedBackend(good=100), DecodeStats()
+    out = list(decode(backend, [0], max_tokens=30, eos_token_id=[6, 40], block_size=8, stats=stats))
+    assert out == list(range(1, 7))
+    assert sum(stats.tokens_per_step) + 1 > len(out)  # the step that found EOS was cut short
+
+
+def test_ar_mode_runs_no_draft_pass():
+    backend = ScriptedBackend(good=100)
+    assert list(decode(backend, [0], max_tokens=5, eos_token_id=None, block_size=1)) == [1, 2, 3, 4, 5]
+    assert {kind for kind, _, _ in backend.passes} == {"verify"}
+
+
+def test_sampling_acceptance_stops_at_first_rejection():
+    class Always:
+        def random(self):
+            return 0.5
+
+    scores = Scores(draft=[1, 2, 3], target=[7, 8, 9, 10], ratio=[1.0, 0.9, 0.2])
+    assert accept(scores, SamplingParams(temperature=1.0), Always()) == [1, 2, 9]
+    scores = Scores(draft=[1, 2], target=[7, 8, 9], ratio=[2.0, 1.0])
+    assert accept(scores, SamplingParams(temperature=1.0), Always()) == [1, 2, 9]
+
+
+def self_drafting(weights):
+    """Diffusion weights copied from the AR view: random, yet drafts that often agree."""
+    return {**weights, **{k: weights[k.replace("_diff", "")] for k in weights if "_diff" in k}}
+
+
+@pytest.fixture(scope="module")
+def small_vocab_checkpoint(tmp_path_factory):
+    config = tiny_config(vocab_size=24, mask_token_id=23, eos_token_id=None, block_size=8)
+    weights = self_drafting(random_weights(config, seed=11))
+    path = save_checkpoint(tmp_path_factory.mktemp("ck"), config, weights, tokenizer=False)
+    reference = qwen3.Model(qwen3.ModelArgs.from_dict(config))
+    reference.load_weights([(k, mx.array(v)) for k, v in weights.items() if "_diff" not in k])
+    return path, reference
+
+
+def mlx_lm_greedy(model, prompt, max_tokens, eos=()):
+    out = []
+    for token, _ in generate_step(mx.array(prompt), model, max_tokens=max_tokens):
+        out.append(int(token))
+        if token in eos:
+            break
+    return out
+
+
+@pytest.mark.parametrize("block_size", [2, 3, 8, 16])
+def test_greedy_equals_mlx_lm_ar_decoding(small_vocab_checkpoint, block_size):
+    path, reference = small_vocab_checkpoint
+    model, _ = load_model(path)
+    rng = np.random.default_rng(block_size)
+    accepted_drafts = 0
+    for trial in range(6):
+        prompt = rng.integers(0, 23, rng.integers(1, 30)).tolist()
+        max_tokens = int(rng.integers(1, 45))  # most end mid-block
+        stats = DecodeStats()
+        got = list(mlx_generate(model, prompt, None, max_tokens, block_size=block_size, stats=stats))
+        assert got == mlx_lm_greedy(reference, prompt, max_tokens), f"trial {trial}"
+        accepted_drafts += sum(stats.tokens_per_step) - stats.steps
+    assert accepted_drafts > 0, "no draft was ever accepted: the acceptance path went untested"
+
+
+def test_greedy_stops_at_eos_inside_a_block(small_vocab_checkpoint):
+    path, reference = small_vocab_checkpoint
+    model, _ = load_model(path)
+    rng = np.random.default_rng(7)
+    cut_short = 0
+    for trial in range(8):
+        prompt = rng.integers(0, 23, 12).tolist()
+        free = mlx_lm_greedy(reference, prompt, 40)
+        fresh = [i for i, t in enumerate(free) if t not in free[:i]]
+        eos = free[fresh[-1]]  # the last token to first appear, so it ends the text late
+        want = free[: free.index(eos) + 1]
+        stats = DecodeStats()
+        got = list(mlx_generate(model, prompt, [eos], 40, stats=stats))
+        assert got == want == mlx_lm_greedy(reference, prompt, 40, eos=[eos])
+        cut_short += sum(stats.tokens_per_step) + 1 > len(got)
+    assert cut_short > 0, "EOS never landed inside a block"
+
+
+def test_use_diffusion_false_is_plain_ar(small_vocab_checkpoint):
+    path, reference = small_vocab_checkpoint
+    model, _ = load_model(path)
+    stats = DecodeStats()
+    got = list(mlx_generate(model, [1, 2, 3], None, 30, use_diffusion=False, stats=stats))
+    assert got == mlx_lm_greedy(reference, [1, 2, 3], 30)
+    assert stats.tokens_per_step == [1] * 29
+
+
+def test_prompt_cache_continues_a_conversation(small_vocab_checkpoint):
+    path, reference = small_vocab_checkpoint
+    model, _ = load_model(path)
+    cache = model.make_cache()
+    first = list(mlx_generate(model, [4, 5, 6], None, 10, prompt_cache=cache))
+    # The cache now holds the prompt and all but the last emitted token.
+    assert cache[0].offset == 3 + 10 - 1
+    stats = DecodeStats()
+    second = list(mlx_generate(model, [first[-1], 9, 10], None, 10, prompt_cache=cache, stats=stats))
+    assert stats.prompt_tokens == 3
+    assert second == mlx_lm_greedy(reference, [4, 5, 6] + first + [9, 10], 10)
+
+
+def test_upstream_call_form_works(small_vocab_checkpoint):
+    path, _ = small_vocab_checkpoint
+    model, _ = load_model(path)
+    tokens = mx.array([[1, 2, 3]])
+    assert len(list(mlx_generate(model, tokens, 0, max_tokens=5))) <= 5

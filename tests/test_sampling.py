@@ -1,0 +1,112 @@
+"""Speculative sampling is exact: Orthrus samples follow the base model's distribution."""
+
+import itertools
+import math
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from orthrus_mlx import load_model, mlx_generate
+from orthrus_mlx.testing import random_weights, save_checkpoint, tiny_config
+from reference import NaiveOrthrus, softmax
+
+PROMPT = [1, 2, 0]
+LENGTH = 4  # first token from the prefill, then a step drafting 2 tokens, maybe one more
+
+
+def processed(logits, temperature, top_k, top_p):
+    """Temperature, top-k, top-p as plain numpy: the independent version."""
+    p = softmax(logits / temperature)
+    if top_k:
+        p = np.where(p >= np.sort(p)[-top_k], p, 0.0)
+        p /= p.sum()
+    if top_p < 1:
+        mass_above = np.array([p[p > x].sum() for x in p])
+        p = np.where(mass_above < top_p, p, 0.0)
+        p /= p.sum()
+    return p
+
+
+def exact_distribution(naive, vocab, **processing):
+    """P(x1..x4 | prompt) for every continuation, by enumeration through the naive AR model."""
+    probs = {}
+    for seq in itertools.product(range(vocab), repeat=LENGTH):
+        logits, _ = naive.ar(np.array(PROMPT + list(seq[:-1])))
+        steps = logits[len(PROMPT) - 1 :]
+        probs[seq] = math.prod(processed(steps[i], **processing)[seq[i]] for i in range(LENGTH))
+    return probs
+
+
+def chi_square_p(observed: Counter, expected: dict, draws: int) -> float:
+    """p-value of Pearson's chi-square, pooling cells expected below 5 (Wilson-Hilferty)."""
+    stat, cells, pool_obs, pool_exp = 0.0, 0, 0, 0.0
+    for cell, p in expected.items():
+        e = p * draws
+        if e < 5:
+            pool_obs, pool_exp = pool_obs + observed[cell], pool_exp + e
+        else:
+            stat, cells = stat + (observed[cell] - e) ** 2 / e, cells + 1
+    if pool_exp > 0:
+        stat, cells = stat + (pool_obs - pool_exp) ** 2 / max(pool_exp, 1e-9), cells + 1
+    k = cells - 1
+    assert k >= 3, "too few cells for a meaningful test"
+    z = ((stat / k) ** (1 / 3) - (1 - 2 / (9 * k))) / math.sqrt(2 / (9 * k))
+    return 0.5 * math.erfc(z / math.sqrt(2))
+
+
+@pytest.fixture(scope="module")
+def tiny_vocab(tmp_path_factory):
+    config = tiny_config(
+        vocab_size=4, mask_token_id=3, eos_token_id=None, block_size=4, num_hidden_layers=1,
+        hidden_size=32, head_dim=8, intermediate_size=64,
+    )
+    weights = random_weights(config, seed=21, scale=0.1)
+    path = save_checkpoint(tmp_path_factory.mktemp("ck"), config, weights, tokenizer=False)
+    model, _ = load_model(path)
+    return model, NaiveOrthrus(config, weights), config
+
+
+@pytest.mark.parametrize(
+    "processing,draws",
+    [
+        (dict(temperature=1.0, top_k=0, top_p=1.0), 5000),
+        (dict(temperature=0.7, top_k=3, top_p=1.0), 2500),
+        (dict(temperature=1.5, top_k=0, top_p=0.8), 2500),
+    ],
+)
+def test_orthrus_samples_follow_the_base_distribution(tiny_vocab, processing, draws):
+    model, naive, config = tiny_vocab
+    expected = exact_distribution(naive, config["vocab_size"], **processing)
+    observed, rejections = Counter(), 0
+    for seed in range(draws):
+        out = tuple(mlx_generate(model, PROMPT, None, LENGTH, seed=seed, **processing))
+        observed[out] += 1
+    p = chi_square_p(observed, expected, draws)
+    assert p > 1e-3, f"chi-square p = {p:.2e}"
+    assert sum(observed.values()) == draws
+
+
+def test_chi_square_rejects_the_diffusion_distribution(tiny_vocab):
+    """Guards the test above: drafts emitted without verification must be caught."""
+    model, naive, config = tiny_vocab
+    processing = dict(temperature=1.0, top_k=0, top_p=1.0)
+    expected = exact_distribution(naive, config["vocab_size"], **processing)
+    rng = np.random.default_rng(0)
+    observed = Counter()
+    import mlx.core as mx
+
+    for _ in range(3000):
+        cache = model.make_cache()
+        first_logits = np.array(model(mx.array([PROMPT]), cache=cache)[0, -1])
+        first = int(rng.choice(4, p=softmax(first_logits.astype(np.float64))))
+        q = np.array(model.draft(mx.array([[first, 3, 3, 3]]), cache)[0, :-1]).astype(np.float64)
+        observed[(first,) + tuple(int(rng.choice(4, p=softmax(row))) for row in q)] += 1
+    assert chi_square_p(observed, expected, 3000) < 1e-3
+
+
+def test_same_seed_same_output(tiny_vocab):
+    model, _, _ = tiny_vocab
+    runs = [list(mlx_generate(model, PROMPT, None, 30, temperature=1.0, seed=s)) for s in (5, 5, 6)]
+    assert runs[0] == runs[1]
+    assert runs[0] != runs[2]
