@@ -131,6 +131,79 @@ def check_request(
         )
 
 
+class FixedBlock:
+    """The same block length every step (shortened only by max_tokens)."""
+
+    def __init__(self, size: int):
+        if size < 1:
+            raise ValueError(f"block_size must be >= 1, got {size}")
+        self.size = size
+
+    def length(self, remaining: int) -> int:
+        return min(self.size, remaining)
+
+    def update(self, length: int, emitted: int) -> None:
+        pass
+
+
+class AdaptiveBlock:
+    """Picks each step's block length to maximise expected tokens per second.
+
+    `step_seconds[L]` is the measured cost of one step of length L (index 0
+    unused; L = 1 is a plain AR step). Acceptance is tracked per draft index as
+    a decayed rate of "accepted, given every earlier draft was". When no length
+    beats plain AR the policy decodes AR and probes with a short block now and
+    then, backing off while drafting keeps not paying.
+    """
+
+    def __init__(self, max_size: int, step_seconds: Sequence[float], decay: float = 0.95,
+                 probe_length: int = 2, min_probe_interval: int = 16, max_probe_interval: int = 128):
+        if len(step_seconds) < max_size + 1:
+            raise ValueError(f"need step costs for lengths 1..{max_size}")
+        self.max_size = max_size
+        self.cost = list(step_seconds)
+        self.decay = decay
+        self.probe_length = min(probe_length, max_size)
+        self.min_probe_interval = min_probe_interval
+        self.max_probe_interval = max_probe_interval
+        # Optimistic prior (half of drafts accepted) that the first steps replace.
+        self.accepted = [0.5] * max_size
+        self.tried = [1.0] * max_size
+        self.probe_interval = self.since_probe = min_probe_interval  # the first step probes
+
+    def expected_tokens(self, length: int) -> float:
+        total, reach = 1.0, 1.0
+        for i in range(length - 1):
+            reach *= self.accepted[i] / self.tried[i]
+            total += reach
+        return total
+
+    def best(self, limit: int) -> int:
+        return max(range(1, limit + 1), key=lambda n: self.expected_tokens(n) / self.cost[n])
+
+    def length(self, remaining: int) -> int:
+        limit = min(self.max_size, remaining)
+        choice = self.best(limit)
+        if choice == 1 and limit > 1 and self.since_probe >= self.probe_interval:
+            return min(self.probe_length, limit)
+        return choice
+
+    def update(self, length: int, emitted: int) -> None:
+        if length == 1:
+            self.since_probe += 1
+            return
+        accepted = emitted - 1
+        for i in range(min(accepted + 1, length - 1)):
+            self.tried[i] = self.tried[i] * self.decay + 1
+            self.accepted[i] = self.accepted[i] * self.decay + (i < accepted)
+        if self.since_probe >= self.probe_interval:  # this step was a probe
+            paid = self.best(self.max_size) > 1
+            self.probe_interval = (
+                self.min_probe_interval if paid else min(2 * self.probe_interval, self.max_probe_interval)
+            )
+        self.since_probe = 0
+
+
 def decode(
     backend: Backend,
     prompt: Sequence[int],
@@ -138,17 +211,17 @@ def decode(
     max_tokens: int,
     eos_token_id: Union[int, Iterable[int], None],
     params: SamplingParams = SamplingParams(),
-    block_size: int = 1,
+    block_size: Union[int, "FixedBlock", "AdaptiveBlock"] = 1,
     stats: Optional[DecodeStats] = None,
 ) -> Iterator[int]:
     """Yield accepted tokens in order, never past the first EOS or `max_tokens`.
 
     `block_size` 1 is plain AR decoding (no draft pass); K > 1 drafts K-1 tokens
-    per step and verifies them in one AR pass over K positions.
+    per step and verifies them in one AR pass over K positions; a policy object
+    (`AdaptiveBlock`) chooses the length step by step.
     """
     check_request(prompt, max_tokens, backend, backend.cache_length())
-    if block_size < 1:
-        raise ValueError(f"block_size must be >= 1, got {block_size}")
+    policy = FixedBlock(block_size) if isinstance(block_size, int) else block_size
     stats = stats if stats is not None else DecodeStats()
     stats.prompt_tokens = len(prompt)
     if max_tokens == 0:
@@ -160,12 +233,13 @@ def decode(
     yield token
     emitted = 1
     while token not in eos and emitted < max_tokens:
-        length = min(block_size, max_tokens - emitted)
+        length = policy.length(max_tokens - emitted)
         drafted = backend.draft(token, length, params) if length > 1 else None
         scores = backend.verify(token, drafted, params)
         new = accept(scores, params, rng)
         # The cache holds the verify pass's L entries; keep t and the m accepted drafts.
         backend.trim(length - len(new))
+        policy.update(length, len(new))
         stats.tokens_per_step.append(len(new))
         for token in new:
             yield token

@@ -8,7 +8,7 @@ import mlx.core as mx
 from mlx_lm.generate import GenerationResponse as MLXGenerationResponse
 from mlx_lm.sample_utils import apply_top_k, apply_top_p
 
-from .decode import DecodeStats, SamplingParams, Scores, decode, eos_set
+from .decode import AdaptiveBlock, DecodeStats, SamplingParams, Scores, decode, eos_set
 from .model import Model
 
 PREFILL_STEP_SIZE = 2048
@@ -119,21 +119,29 @@ def mlx_generate(
     seed: Optional[int] = None,
     use_diffusion: bool = True,
     *,
-    block_size: Optional[int] = None,
+    block_size: Union[int, str, None] = None,
     prompt_cache: Optional[List[Any]] = None,
     stats: Optional[DecodeStats] = None,
 ) -> Iterator[int]:
     """Yield accepted token ids one at a time; output is exactly the base model's.
 
     `eos_token_id` (an int or a list) is joined with the EOS ids of the model's
-    config. `prompt_cache` (from `model.make_cache()`) may already hold earlier
-    tokens; then `prompt_tokens` are only the new ones, as in mlx-lm.
+    config. `block_size`: the checkpoint's K when None, a fixed length, or
+    "auto" to choose each step's length from measured step costs and running
+    acceptance. `prompt_cache` (from `model.make_cache()`) may already hold
+    earlier tokens; then `prompt_tokens` are only the new ones, as in mlx-lm.
     """
     params = SamplingParams(temperature, top_p, top_k, seed)
     if not use_diffusion or not model.has_diffusion:
         block_size = 1
     elif block_size is None:
         block_size = model.block_size
+    elif block_size == "auto":
+        from .costs import step_seconds
+
+        block_size = AdaptiveBlock(model.block_size, step_seconds(model, model.block_size))
+    elif not isinstance(block_size, int):
+        raise ValueError(f"block_size must be an int or 'auto', got {block_size!r}")
     cache = prompt_cache if prompt_cache is not None else model.make_cache()
     backend = MLXBackend(model, cache, seed)
     eos = eos_set(eos_token_id) | eos_set(model.args.eos_token_id)

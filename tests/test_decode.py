@@ -7,7 +7,7 @@ from mlx_lm.generate import generate_step
 from mlx_lm.models import qwen3
 
 from orthrus_mlx import DecodeStats, load_model, mlx_generate
-from orthrus_mlx.decode import SamplingParams, Scores, accept, decode
+from orthrus_mlx.decode import AdaptiveBlock, SamplingParams, Scores, accept, decode
 from orthrus_mlx.testing import random_weights, save_checkpoint, tiny_config
 
 
@@ -171,3 +171,54 @@ def test_upstream_call_form_works(small_vocab_checkpoint):
     model, _ = load_model(path)
     tokens = mx.array([[1, 2, 3]])
     assert len(list(mlx_generate(model, tokens, 0, max_tokens=5))) <= 5
+
+
+def run_policy(policy, acceptance, steps):
+    """Drive a policy with drafts accepted with the given per-index rates; returns chosen lengths."""
+    rng = np.random.default_rng(0)
+    chosen = []
+    for _ in range(steps):
+        length = policy.length(1000)
+        m = 0
+        while m < length - 1 and rng.random() < acceptance:
+            m += 1
+        policy.update(length, m + 1)
+        chosen.append(length)
+    return chosen
+
+
+def test_adaptive_block_drafts_long_when_drafts_are_good_and_passes_are_flat():
+    policy = AdaptiveBlock(16, [0.0] + [1.0 + 0.01 * n for n in range(1, 17)])
+    chosen = run_policy(policy, acceptance=0.97, steps=60)
+    assert min(chosen[10:]) >= 12
+
+
+@pytest.mark.parametrize("slope", [0.02, 0.5, 1.5])
+def test_adaptive_block_costs_at_most_5_percent_over_ar_when_drafts_are_useless(slope):
+    cost = [0.0] + [1.0 + slope * n for n in range(1, 17)]
+    policy = AdaptiveBlock(16, cost)
+    chosen = run_policy(policy, acceptance=0.0, steps=400)
+    assert sum(cost[n] for n in chosen) <= 1.05 * 400 * cost[1]
+    # Once learned: AR with rare length-2 probes, at growing intervals.
+    probes = [n for n, length in enumerate(chosen) if length > 1 and n >= 50]
+    assert len(probes) <= 4 and all(chosen[n] == 2 for n in probes), probes
+    assert list(np.diff(probes)) == sorted(np.diff(probes))
+
+
+def test_adaptive_block_stays_ar_when_every_extra_token_costs_a_full_pass():
+    policy = AdaptiveBlock(8, [0.0] + [float(n) for n in range(1, 9)])
+    chosen = run_policy(policy, acceptance=0.9, steps=100)
+    assert sum(length > 1 for length in chosen[20:]) <= 3
+
+
+def test_adaptive_mode_is_exact_and_drafts(small_vocab_checkpoint, tmp_path, monkeypatch):
+    monkeypatch.setenv("ORTHRUS_MLX_CACHE", str(tmp_path))
+    path, reference = small_vocab_checkpoint
+    model, _ = load_model(path)
+    for prompt in ([3, 1, 4, 1, 5], [9, 2, 6], [7] * 12):
+        stats = DecodeStats()
+        got = list(mlx_generate(model, prompt, None, 40, block_size="auto", stats=stats))
+        assert got == mlx_lm_greedy(reference, prompt, 40)
+    assert (tmp_path / "step_costs.json").is_file()
+    with pytest.raises(ValueError, match="block_size must be an int or 'auto'"):
+        next(mlx_generate(model, [1], None, 4, block_size="fast"))

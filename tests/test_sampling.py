@@ -68,19 +68,21 @@ def tiny_vocab(tmp_path_factory):
 
 
 @pytest.mark.parametrize(
-    "processing,draws",
+    "processing,draws,block_size",
     [
-        (dict(temperature=1.0, top_k=0, top_p=1.0), 5000),
-        (dict(temperature=0.7, top_k=3, top_p=1.0), 2500),
-        (dict(temperature=1.5, top_k=0, top_p=0.8), 2500),
+        (dict(temperature=1.0, top_k=0, top_p=1.0), 5000, None),
+        (dict(temperature=0.7, top_k=3, top_p=1.0), 2500, None),
+        (dict(temperature=1.5, top_k=0, top_p=0.8), 2500, None),
+        (dict(temperature=1.0, top_k=0, top_p=1.0), 2500, "auto"),
     ],
 )
-def test_orthrus_samples_follow_the_base_distribution(tiny_vocab, processing, draws):
+def test_orthrus_samples_follow_the_base_distribution(tiny_vocab, processing, draws, block_size, tmp_path, monkeypatch):
+    monkeypatch.setenv("ORTHRUS_MLX_CACHE", str(tmp_path))
     model, naive, config = tiny_vocab
     expected = exact_distribution(naive, config["vocab_size"], **processing)
-    observed, rejections = Counter(), 0
+    observed = Counter()
     for seed in range(draws):
-        out = tuple(mlx_generate(model, PROMPT, None, LENGTH, seed=seed, **processing))
+        out = tuple(mlx_generate(model, PROMPT, None, LENGTH, seed=seed, block_size=block_size, **processing))
         observed[out] += 1
     p = chi_square_p(observed, expected, draws)
     assert p > 1e-3, f"chi-square p = {p:.2e}"
