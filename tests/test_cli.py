@@ -1,0 +1,155 @@
+"""`orthrus-mlx generate` and the entry point: real processes, plus in-process `main()` for flag checks."""
+
+import importlib.util
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+from cli_helpers import SHIPPED, checkpoint, run_cli_many
+
+from orthrus_mlx import generate, load
+from orthrus_mlx.__main__ import main
+from orthrus_mlx.cli_generate import chat_prompt
+
+MAX_TOKENS = 12
+PROMPT = "Tell me about the sea."
+SAMPLING = ["--temp", "0.9", "--top-p", "0.95", "--top-k", "50", "--seed", "7"]
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory) -> Path:
+    return checkpoint(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def loaded(model_path):
+    return load(model_path)
+
+
+@pytest.fixture(scope="module")
+def runs(model_path):
+    """Every subprocess of this module, started together: each one's imports take seconds."""
+    m = ["--model", str(model_path), "-m", str(MAX_TOKENS)]
+    cases = {
+        "plain": (["generate", *m, "--prompt", PROMPT], None),
+        "verbose-stdin": (["generate", *m, "--prompt", "-", "--verbose"], PROMPT),
+        "sampling": (["generate", *m, "-p", PROMPT, *SAMPLING], None),
+        "bad-flag": (["generate", "--bogus"], None),
+        "console-help": ([console_script(), "--help"], None),
+    }
+    if SHIPPED:
+        cases["default-model"] = (["generate", "--prompt", PROMPT, "-m", str(MAX_TOKENS)], None)
+    return run_cli_many(cases)
+
+
+def console_script() -> str:
+    found = shutil.which("orthrus-mlx")
+    return str(Path(found).resolve()) if found else str(Path(sys.executable).parent / "orthrus-mlx")
+
+
+def expected_text(loaded, message: str, system: str = None, **kwargs) -> str:
+    model, tokenizer = loaded
+    messages = [{"role": "user", "content": message}]
+    if system is not None:
+        messages.insert(0, {"role": "system", "content": system})
+    prompt = chat_prompt(tokenizer, messages, {})
+    return generate(model, tokenizer, prompt, max_tokens=MAX_TOKENS, **kwargs)
+
+
+def test_generate_prints_the_engines_text(runs, loaded):
+    out = runs["plain"]
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == expected_text(loaded, PROMPT) + "\n"
+
+
+def test_sampling_flags_reach_the_engine(runs, loaded):
+    out = runs["sampling"]
+    assert out.returncode == 0, out.stderr
+    expected = expected_text(loaded, PROMPT, temperature=0.9, top_p=0.95, top_k=50, seed=7)
+    assert out.stdout == expected + "\n"
+
+
+def test_verbose_prints_the_figures_and_prompt_dash_reads_stdin(runs, loaded):
+    out = runs["verbose-stdin"]
+    assert out.returncode == 0, out.stderr
+    text, _, figures = out.stdout.partition("\n==========\n")
+    assert text == expected_text(loaded, PROMPT)
+    lines = figures.splitlines()
+    assert lines[0].startswith("Prompt: ") and lines[0].endswith("tokens-per-sec")
+    assert lines[1].startswith("Generation: ") and lines[1].endswith("tokens-per-sec")
+    assert lines[2].startswith("Orthrus: ") and lines[2].endswith("tokens-per-step")
+    assert lines[3].startswith("Peak memory: ") and lines[3].endswith(" GB")
+
+
+def test_bad_flag_process_exits_2_with_one_line(runs):
+    out = runs["bad-flag"]
+    assert out.returncode == 2
+    assert out.stdout == ""
+    assert out.stderr.count("\n") == 1
+    assert "error: unrecognized arguments: --bogus" in out.stderr
+
+
+@pytest.mark.skipif(not SHIPPED, reason="the shipped checkpoint is not in the repo yet")
+def test_without_model_uses_the_shipped_checkpoint(runs, loaded):
+    out = runs["default-model"]
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == expected_text(loaded, PROMPT) + "\n"
+
+
+def test_system_prompt_and_no_diffusion(model_path, loaded, capsys):
+    args = ["generate", "--model", str(model_path), "-p", PROMPT, "-m", str(MAX_TOKENS)]
+    assert main(args + ["--system-prompt", "Be brief.", "--no-diffusion", "--verbose"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(expected_text(loaded, PROMPT, system="Be brief.") + "\n==========\n")
+    assert "1.00 tokens-per-step" in out
+
+
+@pytest.mark.parametrize(
+    "args, status, message",
+    [
+        (["generate", "--max-tokens", "many"], 2, "--max-tokens"),
+        (["generate", "--enable-thinking", "maybe"], 2, "unrecognized arguments: maybe"),
+        (["generate", "--chat-template-args", "{not json"], 2, "--chat-template-args"),
+        (["generate", "--temp", "-1"], 1, "temperature must be >= 0"),
+        (["generate", "--top-p", "1.5"], 1, "top_p must be in (0, 1]"),
+        (["generate", "--max-tokens", "-3"], 1, "--max-tokens must be >= 0"),
+        (["generate", "--model", "/no/such/model"], 1, "No model folder"),
+        (["chat", "--top-k", "-1"], 1, "top_k must be an integer >= 0"),
+        (["server", "--port", "http"], 2, "--port"),
+        (["frobnicate"], 2, "invalid choice"),
+        ([], 2, "required"),
+    ],
+)
+def test_bad_flags_exit_nonzero_with_one_line(args, status, message, capsys):
+    try:
+        code = main(args)
+    except SystemExit as e:  # argparse's own exit
+        code = e.code
+    out, err = capsys.readouterr()
+    assert code == status
+    assert out == ""
+    assert err.count("\n") == 1, err
+    assert message in err and "error" in err
+
+
+def test_missing_optional_command_says_not_available(capsys):
+    if importlib.util.find_spec("orthrus_mlx.bench") is not None:
+        pytest.skip("the bench command is installed")
+    assert main(["bench"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "orthrus-mlx bench: error: not available" in err
+
+
+def test_console_script_lists_the_commands_and_flags(runs, capsys):
+    out = runs["console-help"]
+    assert out.returncode == 0, out.stderr
+    for command in ("generate", "chat", "server", "convert", "bench"):
+        assert command in out.stdout
+    with pytest.raises(SystemExit) as e:
+        main(["generate", "--help"])
+    assert e.value.code == 0
+    help_text = capsys.readouterr().out
+    for flag in ("--max-tokens", "--temp", "--top-p", "--top-k", "--seed", "--system-prompt",
+                 "--chat-template-args", "--enable-thinking", "--no-diffusion", "--verbose"):
+        assert flag in help_text
