@@ -1,14 +1,15 @@
 """Hugging Face Orthrus checkpoint -> MLX folder, cast and optionally quantized, streamed.
 
-One source tensor at a time: read it (lazily, from its shard), cast, quantize, write it
-through to its output shard, drop it. Peak memory is about one tensor, not the model.
+One block of rows at a time: read it from its shard, cast, quantize, write it through to
+its output shard, drop it. Peak memory is about one block (plus a tensor's scales and
+biases), not one tensor, let alone the model.
 """
 
 import shutil
 import sys
 import warnings
 from pathlib import Path
-from typing import Callable, Iterable, List, Optional, Union
+from typing import Callable, Iterable, Iterator, List, Optional, Tuple, Union
 
 import mlx.core as mx
 from mlx_lm.utils import MAX_FILE_SIZE_GB, save_config
@@ -21,6 +22,8 @@ from .writer import ShardedWriter, staging_folder
 # generation config. Remote code (*.py) is not copied: it is never run.
 CARRIED_FILES = ["*.json", "*.jinja", "*.txt", "tokenizer.model", "*.tiktoken"]
 NOT_CARRIED = {"config.json", "model.safetensors.index.json"}
+# Rows per block are chosen so a block holds about this many elements (64 MB in float32).
+CHUNK_ELEMENTS = 1 << 24
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
 
 
@@ -34,12 +37,46 @@ def check_target(target: Path, source: Path, force: bool) -> None:
         raise ValueError(f"--mlx-path {target} overlaps the source checkpoint {source}")
 
 
-def convert_tensor(plan: TensorPlan, weight: mx.array) -> List[mx.array]:
-    """The output arrays of one source tensor, in `plan.outputs()` order."""
-    weight = weight.astype(DTYPES[plan.dtype])
+def row_blocks(shape: Tuple[int, ...]) -> List[Tuple[int, int]]:
+    """Row ranges of about CHUNK_ELEMENTS each; a 0-d or 1-d tensor is one block."""
+    if len(shape) < 2:
+        return [(0, shape[0] if shape else 1)]
+    per_row = 1
+    for s in shape[1:]:
+        per_row *= s
+    step = max(1, CHUNK_ELEMENTS // per_row)
+    return [(r, min(r + step, shape[0])) for r in range(0, shape[0], step)]
+
+
+def write_tensor(writer: ShardedWriter, plan: TensorPlan) -> None:
+    """Read, cast and quantize one tensor block by block: memory holds one block at a time.
+
+    Quantization groups run along the last axis, so row blocks quantize exactly as the
+    whole tensor would.
+    """
+    source, dtype = plan.source, DTYPES[plan.dtype]
+    names = [name for name, _, _ in plan.outputs()]
+    blocks = row_blocks(source.shape)
+    if len(source.shape) < 2:
+        writer.write(names[0], [source.read_rows(0, blocks[0][1]).astype(dtype)])
+        return
     if plan.quant is None:
-        return [weight]
-    return list(mx.quantize(weight, plan.quant.group_size, plan.quant.bits, mode="affine"))
+        writer.write(names[0], (source.read_rows(a, b).astype(dtype) for a, b in blocks))
+        return
+    scales, biases = [], []
+
+    def packed() -> Iterator[mx.array]:
+        for a, b in blocks:
+            w = source.read_rows(a, b).astype(dtype)
+            w, s, z = mx.quantize(w, plan.quant.group_size, plan.quant.bits, mode="affine")
+            mx.eval(w, s, z)
+            scales.append(s)
+            biases.append(z)
+            yield w
+
+    writer.write(names[0], packed())  # packed weights go straight to disk
+    writer.write(names[1], [mx.concatenate(scales)])
+    writer.write(names[2], [mx.concatenate(biases)])
 
 
 def write_weights(
@@ -49,17 +86,11 @@ def write_weights(
     progress: Callable[[Iterable[TensorPlan]], Iterable[TensorPlan]],
 ) -> None:
     writer = ShardedWriter(folder, [o for p in plans for o in p.outputs()], max_file_size_gb)
-    loaded_file, arrays = None, {}
     try:
         for plan in progress(plans):
-            if plan.source.file != loaded_file:
-                # Lazy: nothing is read until a tensor is evaluated.
-                loaded_file, arrays = plan.source.file, mx.load(str(plan.source.file))
-            outputs = convert_tensor(plan, arrays.pop(plan.source.name))
-            mx.eval(outputs)
-            for (name, _, _), array in zip(plan.outputs(), outputs):
-                writer.write(name, array)
-            del outputs
+            write_tensor(writer, plan)
+            # MLX keeps freed buffers for reuse; blocks differ in size, so hand them back.
+            mx.clear_cache()
         writer.close()
     finally:
         writer.abort()

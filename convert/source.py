@@ -11,7 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, Union
 
+import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 
 from orthrus_mlx.checkpoint import read_safetensors_header, resolve_model_path, weight_files
 from orthrus_mlx.loader import check_tensors, model_args
@@ -19,6 +21,8 @@ from orthrus_mlx.model import Model, ModelArgs
 
 # safetensors dtype -> bytes per element; the only dtypes a float checkpoint may hold.
 FLOAT_DTYPES = {"F32": 4, "F16": 2, "BF16": 2}
+# numpy has no bfloat16: its bits are read as little-endian uint16.
+NUMPY_DTYPES = {"F32": "<f4", "F16": "<f2", "BF16": "<u2"}
 # Tensors that are dropped on the way, as Model.sanitize does when loading.
 DROPPED = ("rotary_emb.inv_freq",)
 
@@ -29,6 +33,22 @@ class SourceTensor:
     file: Path
     dtype: str  # safetensors dtype string: F32, F16, BF16
     shape: Tuple[int, ...]
+    offset: int  # where its data starts in the file
+
+    def read_rows(self, start: int, stop: int) -> mx.array:
+        """Rows [start, stop) read straight from the file: memory for those rows only."""
+        row = FLOAT_DTYPES[self.dtype]
+        for s in self.shape[1:]:
+            row *= s
+        with open(self.file, "rb") as f:
+            f.seek(self.offset + start * row)
+            data = f.read((stop - start) * row)
+        if len(data) != (stop - start) * row:
+            raise ValueError(f"Tensor {self.name} in {self.file} is cut short: truncated file?")
+        array = mx.array(np.frombuffer(data, dtype=NUMPY_DTYPES[self.dtype]))
+        if self.dtype == "BF16":
+            array = array.view(mx.bfloat16)
+        return array.reshape(stop - start, *self.shape[1:]) if self.shape else array.reshape(())
 
 
 @dataclass
@@ -112,7 +132,7 @@ def read_tensors(files: List[Path]) -> List[SourceTensor]:
             if name in seen:
                 raise ValueError(f"Tensor {name} is in both {seen[name]} and {file}")
             seen[name] = file
-            entries.append((begin, SourceTensor(name, file, dtype, shape)))
+            entries.append((begin, SourceTensor(name, file, dtype, shape, 8 + header_bytes + begin)))
         tensors += [t for _, t in sorted(entries, key=lambda e: e[0])]
     return tensors
 

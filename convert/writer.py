@@ -11,7 +11,7 @@ import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import mlx.core as mx
 from mlx_lm.utils import MAX_FILE_SIZE_GB
@@ -60,20 +60,29 @@ class ShardedWriter:
         self.file = None
         self.shard = -1
 
-    def write(self, name: str, array: mx.array) -> None:
+    def write(self, name: str, parts: Iterable[mx.array]) -> None:
+        """One tensor, given as consecutive row blocks that concatenate to its planned shape."""
         if self.position >= len(self.queue):
             raise ValueError(f"Tensor {name} was not planned")
         shard, (expected, dtype, shape) = self.queue[self.position]
-        if name != expected or array.dtype != dtype or tuple(array.shape) != tuple(shape):
-            raise ValueError(
-                f"Tensor {name} {array.dtype} {tuple(array.shape)} does not match the plan: "
-                f"{expected} {dtype} {tuple(shape)}"
-            )
+        if name != expected:
+            raise ValueError(f"Tensor {name} came where the plan has {expected}")
         if shard != self.shard:
             self._open(shard)
-        if array.dtype == mx.bfloat16:  # no bfloat16 in the buffer protocol: same bits as uint16
-            array = array.view(mx.uint16)
-        self.file.write(memoryview(array))
+        rows = 0
+        for part in parts:
+            if part.dtype != dtype or tuple(part.shape[1:]) != tuple(shape[1:]):
+                raise ValueError(
+                    f"Tensor {name}: a block {part.dtype} {tuple(part.shape)} does not fit the "
+                    f"plan {dtype} {tuple(shape)}"
+                )
+            mx.eval(part)
+            if part.dtype == mx.bfloat16:  # no bfloat16 in the buffer protocol: same bits as uint16
+                part = part.view(mx.uint16)
+            self.file.write(memoryview(part))
+            rows += part.shape[0] if part.ndim else 1
+        if rows != (shape[0] if shape else 1):
+            raise ValueError(f"Tensor {name}: {rows} rows written, the plan has {tuple(shape)}")
         self.position += 1
 
     def _open(self, shard: int) -> None:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import orthrus_convert
-from orthrus_convert import cli, convert
+from orthrus_convert import cli, convert, converter
 from orthrus_convert.writer import ShardedWriter
 from orthrus_mlx import DecodeStats, load, load_model, mlx_generate
 from orthrus_mlx.testing import random_checkpoint, random_weights, save_checkpoint, tiny_config
@@ -101,6 +101,20 @@ def test_sharded_output_has_an_index_that_matches(source, tmp_path):
         assert set(mx.load(str(out / shard))) == {k for k, v in weight_map.items() if v == shard}
     model, _ = load(out)
     assert greedy(model, PROMPTS[0]) == greedy(model, PROMPTS[0], diffusion=False)
+
+
+@pytest.mark.parametrize("options", [{"dtype": "bfloat16"}, {"quantize": True, "q_group_size": 32}])
+def test_block_by_block_conversion_equals_whole_tensor_conversion(source, tmp_path, monkeypatch, options):
+    whole = loaded_weights(convert(source, tmp_path / "whole", progress=False, **options))
+    monkeypatch.setattr(converter, "CHUNK_ELEMENTS", 1000)  # 7 rows of 128 per block
+    assert len(converter.row_blocks((300, 128))) == 43
+    blocks = loaded_weights(convert(source, tmp_path / "blocks", progress=False, **options))
+    assert set(blocks) == set(whole)
+    for name, w in whole.items():
+        assert blocks[name].dtype == w.dtype and mx.array_equal(blocks[name], w), name
+    if "quantize" not in options:
+        for name, w in loaded_weights(source).items():
+            assert mx.array_equal(blocks[name], w.astype(mx.bfloat16)), name
 
 
 # 2. Quantized conversions: lossless with respect to the quantized base
@@ -322,11 +336,11 @@ def test_interrupted_conversion_leaves_no_folder(source, tmp_path, monkeypatch, 
     written = []
     real_write = ShardedWriter.write
 
-    def write(self, name, array):
+    def write(self, name, parts):
         if len(written) == 5:
             raise error
         written.append(name)
-        real_write(self, name, array)
+        real_write(self, name, parts)
 
     monkeypatch.setattr(ShardedWriter, "write", write)
     target = tmp_path / "out"
