@@ -1,0 +1,1 @@
+"""PyTorch reference of the Orthrus model (no mlx imports here)."""
