@@ -1,9 +1,14 @@
 """orthrus-mlx: exact, diffusion-drafted decoding of Orthrus (Qwen3) models on MLX."""
 
 from .decode import DecodeStats, SamplingParams
-from .generate import GenerationResponse, generate, mlx_generate, stream_generate
-from .loader import load, load_model, load_model_and_tokenizer
-from .model import Model, ModelArgs
+
+try:
+    from .generate import GenerationResponse, generate, mlx_generate, stream_generate
+    from .loader import load, load_model, load_model_and_tokenizer
+    from .model import Model, ModelArgs
+except ModuleNotFoundError as e:  # the PyTorch backend (orthrus_mlx.torch_ref) runs without mlx
+    if not (e.name or "").startswith("mlx"):
+        raise
 
 __all__ = [
     "DecodeStats",

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .cache import KVCache
 
 
 @dataclass
@@ -32,6 +34,7 @@ class ModelArgs:
     tie_word_embeddings: bool = True
     block_size: Optional[int] = None
     mask_token_id: Optional[int] = None
+    eos_token_id: Union[int, List[int], None] = None
 
     @classmethod
     def from_dict(cls, config: Dict[str, Any]) -> "ModelArgs":
@@ -40,6 +43,10 @@ class ModelArgs:
         if "rope_theta" not in kwargs and config.get("rope_parameters"):
             kwargs["rope_theta"] = config["rope_parameters"]["rope_theta"]
         return cls(**kwargs)
+
+    @property
+    def has_diffusion(self) -> bool:
+        return self.block_size is not None and self.mask_token_id is not None
 
 
 class RMSNorm(nn.Module):
@@ -134,6 +141,34 @@ class Attention(nn.Module):
         q, k, v = self.qkv(x, positions)
         return self.attend(q, k, v, None, is_causal=True)
 
+    def cached(
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        mask: torch.Tensor,
+        diffusion: bool = False,
+    ) -> torch.Tensor:
+        """One view over a preallocated cache layer (keys/values [B, Hkv, S, D]).
+
+        The pass's keys/values are written into the slots at `positions`; then every query
+        attends to the first mask.shape[-1] slots under `mask` [T, S] (True = may attend).
+        """
+        q, k, v = self.qkv(x, positions, diffusion)
+        keys.index_copy_(2, positions, k)
+        values.index_copy_(2, positions, v)
+        B, H, T, D = q.shape
+        S, groups = mask.shape[-1], H // self.n_kv_heads
+        # Grouped-query attention without copying the cache: the query heads that share a
+        # key/value head are stacked along the sequence axis.
+        q = q.reshape(B, self.n_kv_heads, groups * T, D)
+        out = F.scaled_dot_product_attention(
+            q, keys[:, :, :S], values[:, :, :S], attn_mask=mask.repeat(groups, 1), scale=self.scale
+        )
+        out = out.reshape(B, H, T, D).transpose(1, 2).reshape(B, T, -1)
+        return (self.o_proj_diff if diffusion else self.o_proj)(out)
+
 
 class MLP(nn.Module):
     def __init__(self, dim: int, hidden: int):
@@ -156,6 +191,19 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         h = x + self.self_attn(self.input_layernorm(x), positions)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+    def cached(
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        mask: torch.Tensor,
+        diffusion: bool = False,
+    ) -> torch.Tensor:
+        attn = self.self_attn.cached(self.input_layernorm(x), positions, keys, values, mask, diffusion)
+        h = x + attn
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -191,6 +239,77 @@ class Model(nn.Module):
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         """AR view: logits [B, T, V] for positions 0..T-1."""
         return self.logits(self.model(input_ids))
+
+    # Inference over a preallocated KV cache (ORTHRUS.md sections 2-4).
+
+    @property
+    def block_size(self) -> Optional[int]:
+        return self.args.block_size
+
+    @property
+    def mask_token_id(self) -> Optional[int]:
+        return self.args.mask_token_id
+
+    @property
+    def has_diffusion(self) -> bool:
+        return self.args.has_diffusion
+
+    def make_cache(self, capacity: Optional[int] = None, batch_size: int = 1) -> KVCache:
+        """An empty cache on the model's device and dtype (default: the whole context)."""
+        p = self.model.embed_tokens.weight
+        return KVCache(
+            self.args.num_hidden_layers,
+            self.args.num_key_value_heads,
+            self.args.head_dim,
+            capacity or self.args.max_position_embeddings,
+            batch_size=batch_size,
+            device=p.device,
+            dtype=p.dtype,
+        )
+
+    def forward_cached(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        cache: KVCache,
+        diffusion: bool = False,
+        kv_len: Optional[int] = None,
+    ) -> torch.Tensor:
+        """Either view at absolute `positions`, reading the first `kv_len` cache slots.
+
+        A pure tensor function (the cache's offset is left to the caller): with `kv_len` fixed
+        (the cache's capacity) every pass of a given length has one shape, for torch.compile
+        and CUDA graphs.
+        """
+        kv_len = cache.capacity if kv_len is None else kv_len
+        slots = torch.arange(kv_len, device=positions.device)
+        if diffusion:
+            # Not causal: every block position sees the whole cache and the whole block.
+            mask = (slots[None, :] <= positions[-1:, None]).expand(positions.shape[0], kv_len)
+        else:
+            mask = slots[None, :] <= positions[:, None]
+        h = self.model.embed_tokens(input_ids)
+        for i, layer in enumerate(self.model.layers):
+            h = layer.cached(h, positions, *cache.layer(i), mask, diffusion)
+        return self.logits(self.model.norm(h))
+
+    def step(self, input_ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """AR view of input_ids [B, T] after the cache's entries, which it appends to."""
+        length = input_ids.shape[1]
+        cache.check_room(length)
+        positions = torch.arange(cache.offset, cache.offset + length, device=input_ids.device)
+        logits = self.forward_cached(input_ids, positions, cache, kv_len=cache.offset + length)
+        cache.offset += length
+        return logits
+
+    def draft(self, block: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Diffusion logits for a block at positions cache.offset ...; the cache keeps its entries."""
+        if not self.has_diffusion:
+            raise ValueError("This checkpoint has no diffusion view (AR mode only).")
+        length = block.shape[1]
+        cache.check_room(length)
+        positions = torch.arange(cache.offset, cache.offset + length, device=block.device)
+        return self.forward_cached(block, positions, cache, True, kv_len=cache.offset + length)
 
     def init_weights(self, std: float = 0.02, seed: int = 0) -> None:
         """Fresh random init; the diffusion view starts as a copy of the AR view."""

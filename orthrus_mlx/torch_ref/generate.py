@@ -1,0 +1,71 @@
+"""Token generation with the PyTorch backend: the same options and output as `mlx_generate`."""
+
+from typing import Any, Iterable, Iterator, List, Optional, Sequence, Union
+
+import torch
+
+from ..decode import DecodeStats, SamplingParams, decode, eos_set
+from .backend import TorchBackend
+from .cache import KVCache
+from .model import Model
+
+CACHE_ROUNDING = 64  # whole multiples keep the attention shapes aligned on GPUs
+
+
+def as_token_list(tokens: Union[Sequence[int], torch.Tensor, Any]) -> List[int]:
+    if hasattr(tokens, "tolist"):
+        tokens = tokens.tolist()
+    tokens = list(tokens)
+    if len(tokens) == 1 and isinstance(tokens[0], (list, tuple)):
+        tokens = list(tokens[0])  # a batch of one
+    return [int(t) for t in tokens]
+
+
+def cache_capacity(model: Model, needed: int) -> int:
+    rounded = -(-max(needed, 1) // CACHE_ROUNDING) * CACHE_ROUNDING
+    return min(rounded, model.args.max_position_embeddings)
+
+
+def torch_generate(
+    model: Model,
+    prompt_tokens: Union[Sequence[int], torch.Tensor],
+    eos_token_id: Union[int, Iterable[int], None] = None,
+    max_tokens: int = 256,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    seed: Optional[int] = None,
+    use_diffusion: bool = True,
+    *,
+    block_size: Optional[int] = None,
+    prompt_cache: Optional[KVCache] = None,
+    stats: Optional[DecodeStats] = None,
+    compile: bool = False,
+) -> Iterator[int]:
+    """Yield accepted token ids one at a time; output is exactly the base model's.
+
+    `eos_token_id` (an int or a list) is joined with the EOS ids of the model's config.
+    `prompt_cache` (from `model.make_cache(capacity)`) may already hold earlier tokens;
+    then `prompt_tokens` are only the new ones. `compile` runs the per-step passes through
+    torch.compile (CUDA graphs on a GPU).
+    """
+    params = SamplingParams(temperature, top_p, top_k, seed)
+    if not use_diffusion or not model.has_diffusion:
+        block_size = 1
+    elif block_size is None:
+        block_size = model.block_size
+    prompt = as_token_list(prompt_tokens)
+    cache = prompt_cache
+    if cache is None:
+        cache = model.make_cache(cache_capacity(model, len(prompt) + max_tokens))
+    backend = TorchBackend(model, cache, seed, compile=compile)
+    eos = eos_set(eos_token_id) | eos_set(model.args.eos_token_id)
+    yield from decode(
+        backend,
+        prompt,
+        max_tokens=max_tokens,
+        eos_token_id=eos,
+        params=params,
+        block_size=block_size,
+        stats=stats,
+    )

@@ -1,0 +1,316 @@
+"""The PyTorch backend against the MLX one: same logits, same greedy tokens, same sampling law.
+
+Both backends run the one decoding step of `orthrus_mlx.decode`; these tests load the same
+random HF-layout checkpoint into both.
+"""
+
+import itertools
+import math
+import subprocess
+import sys
+from collections import Counter
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from orthrus_mlx.decode import DecodeStats, SamplingParams, decode  # noqa: E402
+from orthrus_mlx.generate import MLXBackend, mlx_generate  # noqa: E402
+from orthrus_mlx.loader import load_model as mlx_load_model  # noqa: E402
+from orthrus_mlx.testing import random_weights, save_checkpoint, tiny_config  # noqa: E402
+from orthrus_mlx.torch_ref.backend import TorchBackend, apply_top_p, log_probs  # noqa: E402
+from orthrus_mlx.torch_ref.generate import torch_generate  # noqa: E402
+from orthrus_mlx.torch_ref.loader import load_model  # noqa: E402
+from reference import NaiveOrthrus, softmax  # noqa: E402
+
+
+def self_drafting(weights):
+    """Diffusion weights copied from the AR view: random, yet drafts that often agree."""
+    return {**weights, **{k: weights[k.replace("_diff", "")] for k in weights if "_diff" in k}}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models: one intra-op thread avoids thread hand-offs that cost more than the math."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def checkpoint(tmp_path_factory, config, seed, drafting=False):
+    weights = random_weights(config, seed=seed)
+    if drafting:
+        weights = self_drafting(weights)
+    path = save_checkpoint(tmp_path_factory.mktemp("ck"), config, weights, tokenizer=False)
+    return path, weights
+
+
+# 1. Logits of both views equal the MLX backend's (and the naive numpy reference's).
+
+
+@pytest.mark.parametrize("tied", [True, False])
+@pytest.mark.parametrize("block_size", [4, 8, 16])
+def test_both_views_match_mlx(tmp_path_factory, tied, block_size):
+    config = tiny_config(tie_word_embeddings=tied, block_size=block_size)
+    path, weights = checkpoint(tmp_path_factory, config, seed=block_size + tied)
+    ours, _ = load_model(path, device="cpu")
+    theirs, _ = mlx_load_model(path)
+    naive = NaiveOrthrus(config, weights)
+    assert ours.model.embed_tokens.weight.dtype == torch.float32
+
+    rng = np.random.default_rng(block_size)
+    tokens = rng.integers(0, 256, 29)
+    cache, mlx_cache = ours.make_cache(64), theirs.make_cache()
+    # A prefix in chunks, then draft -> verify -> trim as one decoding step does it.
+    for chunk in (tokens[:11], tokens[11:12], tokens[12:20]):
+        got = ours.step(torch.tensor(chunk[None]), cache)
+        want = theirs(mx.array(chunk[None]), cache=mlx_cache)
+        assert np.abs(got.numpy() - np.array(want)).max() < 1e-4
+    committed = tokens[:20].tolist()
+    for n_keep in (3, block_size):
+        block = [int(rng.integers(0, 256))] + [config["mask_token_id"]] * (block_size - 1)
+        got = ours.draft(torch.tensor([block]), cache).numpy()[0]
+        want = np.array(theirs.draft(mx.array([block]), mlx_cache))[0]
+        assert np.abs(got - want).max() < 1e-4
+        assert np.abs(got - naive.draft(committed, block)).max() < 1e-4
+        assert cache.offset == mlx_cache[0].offset == len(committed), "draft wrote the cache"
+
+        verify = [block[0]] + rng.integers(0, 256, block_size - 1).tolist()
+        got = ours.step(torch.tensor([verify]), cache).numpy()[0]
+        want = np.array(theirs(mx.array([verify]), cache=mlx_cache))[0]
+        assert np.abs(got - want).max() < 1e-4
+        naive_logits, _ = naive.ar(np.array(committed + verify))
+        assert np.abs(got - naive_logits[len(committed) :]).max() < 1e-4
+        cache.trim(block_size - n_keep)
+        for c in mlx_cache:
+            c.trim(block_size - n_keep)
+        committed += verify[:n_keep]
+
+
+def test_static_shape_passes_equal_the_exact_length_ones(tmp_path_factory):
+    """The fixed-shape (compile / CUDA graph) form attends over the whole cache, masked."""
+    path, _ = checkpoint(tmp_path_factory, tiny_config(), seed=5)
+    model, _ = load_model(path, device="cpu")
+    cache = model.make_cache(128)
+    model.step(torch.arange(10)[None], cache)
+    block = torch.tensor([[7] + [259] * 7])
+    positions = torch.arange(10, 18)
+    with torch.inference_mode():
+        full = model.forward_cached(block, positions, cache, diffusion=True)
+        exact = model.forward_cached(block, positions, cache, diffusion=True, kv_len=18)
+        assert torch.allclose(full, exact, atol=1e-5)
+        full = model.forward_cached(block, positions, cache)
+        exact = model.forward_cached(block, positions, cache, kv_len=18)
+        assert torch.allclose(full, exact, atol=1e-5)
+
+
+def test_plain_qwen3_checkpoint_loads_in_ar_mode(tmp_path_factory):
+    config = tiny_config(block_size=None, mask_token_id=None)
+    path, _ = checkpoint(tmp_path_factory, config, seed=6)
+    with pytest.warns(UserWarning, match="plain Qwen3"):
+        model, _ = load_model(path, device="cpu")
+    assert not model.has_diffusion
+    stats = DecodeStats()
+    out = list(torch_generate(model, [1, 2, 3], None, 12, stats=stats))
+    assert len(out) == 12 and set(stats.tokens_per_step) == {1}
+
+
+def test_loader_names_bad_tensors(tmp_path_factory):
+    config = tiny_config()
+    weights = random_weights(config, seed=7)
+    weights["model.layers.0.self_attn.q_proj.weight"] = weights["model.layers.0.self_attn.q_proj.weight"][:8]
+    path = save_checkpoint(tmp_path_factory.mktemp("ck"), config, weights, tokenizer=False)
+    with pytest.raises(ValueError, match="q_proj.weight has shape"):
+        load_model(path, device="cpu")
+    del weights["model.layers.0.self_attn.q_proj.weight"]
+    path = save_checkpoint(tmp_path_factory.mktemp("ck"), config, weights, tokenizer=False)
+    with pytest.raises(ValueError, match="Missing tensors"):
+        load_model(path, device="cpu")
+
+
+# 2. Greedy output: torch Orthrus == torch AR == MLX Orthrus, token for token.
+
+
+@pytest.fixture(scope="module")
+def small_vocab(tmp_path_factory):
+    config = tiny_config(vocab_size=24, mask_token_id=23, eos_token_id=None, block_size=8)
+    path, _ = checkpoint(tmp_path_factory, config, seed=11, drafting=True)
+    return load_model(path, device="cpu")[0], mlx_load_model(path)[0]
+
+
+@pytest.mark.parametrize("block_size", [2, 5, 8, 16])
+def test_greedy_equals_ar_and_mlx(small_vocab, block_size):
+    model, mlx_model = small_vocab
+    rng = np.random.default_rng(block_size)
+    accepted_drafts = 0
+    for trial in range(4):
+        prompt = rng.integers(0, 23, rng.integers(1, 30)).tolist()
+        max_tokens = int(rng.integers(1, 40))  # most end mid-block
+        eos = int(rng.integers(0, 23)) if trial == 3 else None
+        stats = DecodeStats()
+        got = list(torch_generate(model, prompt, eos, max_tokens, block_size=block_size, stats=stats))
+        ar = list(torch_generate(model, prompt, eos, max_tokens, use_diffusion=False))
+        mlx = list(mlx_generate(mlx_model, prompt, eos, max_tokens, block_size=block_size))
+        assert got == ar == mlx, f"trial {trial}"
+        accepted_drafts += sum(stats.tokens_per_step) - stats.steps
+    assert accepted_drafts > 0, "no draft was ever accepted: the acceptance path went untested"
+
+
+# 3. The one shared step runs both backends.
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_shared_decode_drives_both_backends(small_vocab, temperature):
+    model, mlx_model = small_vocab
+    params = SamplingParams(temperature=temperature, top_k=10, top_p=0.9, seed=3)
+    runs = {}
+    for name, backend in [
+        ("torch", TorchBackend(model, model.make_cache(128), seed=3)),
+        ("mlx", MLXBackend(mlx_model, mlx_model.make_cache(), seed=3)),
+    ]:
+        stats = DecodeStats()
+        out = list(decode(backend, [3, 1, 4, 1, 5], max_tokens=50, eos_token_id=None,
+                          params=params, block_size=8, stats=stats))
+        assert len(out) == 50 and sum(stats.tokens_per_step) == 49
+        assert backend.cache_length() == 5 + 49, "trim left the cache at the wrong length"
+        runs[name] = out, stats.tokens_per_step
+    if temperature == 0:
+        assert runs["torch"] == runs["mlx"]
+    else:
+        assert max(max(s) for _, s in runs.values()) > 1, "sampling never accepted a draft"
+
+
+def test_same_seed_same_output(small_vocab):
+    model, _ = small_vocab
+    runs = [list(torch_generate(model, [1, 2], None, 30, temperature=1.0, seed=s)) for s in (5, 5, 6)]
+    assert runs[0] == runs[1] != runs[2]
+
+
+# Sampling: the same processing as MLX, and the base model's distribution through the shared step.
+
+
+def test_log_probs_equal_mlx_processing():
+    from orthrus_mlx.generate import log_probs as mlx_log_probs
+
+    logits = np.random.default_rng(0).standard_normal((5, 40)).astype(np.float32) * 3
+    for params in [
+        SamplingParams(0.7, 1.0, 0),
+        SamplingParams(1.3, 1.0, 7),
+        SamplingParams(1.0, 0.8, 0),
+        SamplingParams(0.9, 0.6, 12),
+    ]:
+        got = log_probs(torch.tensor(logits), params).numpy()
+        want = np.array(mlx_log_probs(mx.array(logits), params))
+        assert np.array_equal(np.isinf(got), np.isinf(want)), params
+        finite = np.isfinite(want)
+        assert np.abs(got[finite] - want[finite]).max() < 1e-5, params
+
+
+def test_top_p_keeps_tokens_whose_mass_above_is_below_top_p():
+    lp = torch.tensor([0.5, 0.3, 0.15, 0.05]).log()
+    kept = torch.isfinite(apply_top_p(lp, 0.8)).tolist()
+    assert kept == [True, True, False, False]  # mass above: 0, .5, .8, .95
+
+
+PROMPT = [1, 2, 0]
+LENGTH = 4  # the prefill's token, then a step drafting up to 3
+
+
+def processed(logits, temperature, top_k, top_p):
+    """Temperature, top-k, top-p as plain numpy: the independent version."""
+    p = softmax(logits / temperature)
+    if top_k:
+        p = np.where(p >= np.sort(p)[-top_k], p, 0.0)
+        p /= p.sum()
+    if top_p < 1:
+        mass_above = np.array([p[p > x].sum() for x in p])
+        p = np.where(mass_above < top_p, p, 0.0)
+        p /= p.sum()
+    return p
+
+
+def chi_square_p(observed, expected, draws):
+    """p-value of Pearson's chi-square, pooling cells expected below 5 (Wilson-Hilferty)."""
+    stat, cells, pool_obs, pool_exp = 0.0, 0, 0, 0.0
+    for cell, p in expected.items():
+        e = p * draws
+        if e < 5:
+            pool_obs, pool_exp = pool_obs + observed[cell], pool_exp + e
+        else:
+            stat, cells = stat + (observed[cell] - e) ** 2 / e, cells + 1
+    if pool_exp > 0:
+        stat, cells = stat + (pool_obs - pool_exp) ** 2 / max(pool_exp, 1e-9), cells + 1
+    k = cells - 1
+    assert k >= 3, "too few cells for a meaningful test"
+    z = ((stat / k) ** (1 / 3) - (1 - 2 / (9 * k))) / math.sqrt(2 / (9 * k))
+    return 0.5 * math.erfc(z / math.sqrt(2))
+
+
+@pytest.fixture(scope="module")
+def tiny_vocab(tmp_path_factory):
+    config = tiny_config(
+        vocab_size=4, mask_token_id=3, eos_token_id=None, block_size=4, num_hidden_layers=1,
+        hidden_size=32, head_dim=8, intermediate_size=64,
+    )
+    # Small weights: a spread-out distribution (dozens of likely 4-token continuations).
+    weights = random_weights(config, seed=22, scale=0.1)
+    path = save_checkpoint(tmp_path_factory.mktemp("ck"), config, weights, tokenizer=False)
+    return load_model(path, device="cpu")[0], NaiveOrthrus(config, weights)
+
+
+def exact_distribution(naive, **processing):
+    """P(x1..x4 | prompt) for every continuation, by enumeration through the naive AR model."""
+    probs = {}
+    for seq in itertools.product(range(4), repeat=LENGTH):
+        logits, _ = naive.ar(np.array(PROMPT + list(seq[:-1])))
+        steps = logits[len(PROMPT) - 1 :]
+        probs[seq] = math.prod(processed(steps[i], **processing)[seq[i]] for i in range(LENGTH))
+    return probs
+
+
+@pytest.mark.parametrize(
+    "processing",
+    [dict(temperature=1.0, top_k=0, top_p=1.0), dict(temperature=1.3, top_k=3, top_p=0.8)],
+)
+def test_orthrus_samples_follow_the_base_distribution(tiny_vocab, processing):
+    model, naive = tiny_vocab
+    draws = 1000
+    expected = exact_distribution(naive, **processing)
+    observed, stats = Counter(), DecodeStats()
+    for seed in range(draws):
+        observed[tuple(torch_generate(model, PROMPT, None, LENGTH, seed=seed, stats=stats, **processing))] += 1
+    assert chi_square_p(observed, expected, draws) > 1e-3
+    assert sum(stats.tokens_per_step) > stats.steps, "no draft was ever accepted"
+
+
+def test_chi_square_rejects_unverified_drafts(tiny_vocab):
+    """Guards the test above: the diffusion view's own samples must be caught."""
+    model, naive = tiny_vocab
+    expected = exact_distribution(naive, temperature=1.0, top_k=0, top_p=1.0)
+    rng, observed = np.random.default_rng(0), Counter()
+    with torch.inference_mode():
+        for _ in range(1000):
+            cache = model.make_cache(8)
+            first_logits = model.step(torch.tensor([PROMPT]), cache)[0, -1].double().numpy()
+            first = int(rng.choice(4, p=softmax(first_logits)))
+            q = model.draft(torch.tensor([[first, 3, 3, 3]]), cache)[0, :-1].double().numpy()
+            observed[(first,) + tuple(int(rng.choice(4, p=softmax(row))) for row in q)] += 1
+    assert chi_square_p(observed, expected, 1000) < 1e-3
+
+
+def test_torch_ref_imports_no_mlx():
+    code = (
+        "import sys, importlib.abc\n"
+        "class Block(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path, target=None):\n"
+        "        if name.split('.')[0] in ('mlx', 'mlx_lm'):\n"
+        "            raise ModuleNotFoundError(f'No module named {name!r}', name=name)\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "import orthrus_mlx.torch_ref.generate, orthrus_mlx.torch_ref.loader\n"
+        "assert not any(m.split('.')[0] in ('mlx', 'mlx_lm') for m in sys.modules)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
