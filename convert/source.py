@@ -88,7 +88,7 @@ def check_config(path: Path, config: Dict[str, Any]) -> ModelArgs:
             "convert from the original Hugging Face checkpoint"
         )
     try:
-        args = ModelArgs.from_dict(config)
+        ModelArgs.from_dict(config)
     except TypeError as e:  # a required Qwen3 field is missing
         raise ValueError(f"{path}/config.json lacks Qwen3 fields: {e}") from e
     with warnings.catch_warnings():

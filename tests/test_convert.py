@@ -388,3 +388,20 @@ def test_cli_converts_and_reports_errors(source, tmp_path, capsys):
 def test_orthrus_mlx_convert_can_dispatch_to_the_cli():
     assert orthrus_convert.convert is convert
     assert callable(cli.add_arguments) and callable(cli.run) and callable(cli.main)
+
+
+def test_a_target_that_appears_meanwhile_is_not_replaced(source, tmp_path, monkeypatch):
+    target = tmp_path / "out"
+    real_write = ShardedWriter.write
+
+    def write(self, name, parts):
+        if not target.exists():  # someone else writes the same folder during the run
+            target.mkdir()
+            (target / "theirs.txt").write_text("theirs")
+        real_write(self, name, parts)
+
+    monkeypatch.setattr(ShardedWriter, "write", write)
+    with pytest.raises(FileExistsError, match="appeared during the conversion"):
+        convert(source, target, progress=False)
+    assert [p.name for p in target.iterdir()] == ["theirs.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
