@@ -21,6 +21,18 @@ def str2bool(value: str) -> bool:
     return value.lower() not in ("false", "f", "0", "no")
 
 
+def block_size(value: str):
+    if value == "auto":
+        return value
+    try:
+        size = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1 or 'auto', got {value!r}")
+    if size < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1 or 'auto', got {value!r}")
+    return size
+
+
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model",
@@ -49,7 +61,10 @@ def add_sampling_arguments(parser: argparse.ArgumentParser, max_tokens: int) -> 
         help="Plain autoregressive decoding, no diffusion drafting (same output, slower)",
     )
     parser.add_argument(
-        "--block-size", type=int, default=None, help="Draft block length (default: the checkpoint's)"
+        "--block-size",
+        type=block_size,
+        default=None,
+        help="Draft block length, or 'auto' to pick it step by step (default: the checkpoint's)",
     )
 
 
@@ -99,8 +114,6 @@ def sampling_params(args: argparse.Namespace) -> SamplingParams:
     """Check the sampling flags before the (slow) model load; raises ValueError."""
     if args.max_tokens < 0:
         raise ValueError(f"--max-tokens must be >= 0, got {args.max_tokens}")
-    if args.block_size is not None and args.block_size < 1:
-        raise ValueError(f"--block-size must be >= 1, got {args.block_size}")
     return SamplingParams(args.temp, args.top_p, args.top_k, args.seed)
 
 

@@ -1,12 +1,22 @@
 """`orthrus-mlx chat`: answers equal fresh runs on the whole history, later turns prefill only new tokens."""
 
+import fcntl
+import io
+import os
+import pty
 import re
+import select
+import subprocess
+import sys
+import termios
+import time
 from pathlib import Path
 
 import pytest
-from cli_helpers import SHIPPED, checkpoint, expected_prefill, run_cli_many
+from cli_helpers import SHIPPED, checkpoint, cli_env, expected_prefill, run_cli_many
 
 from orthrus_mlx import generate, load, mlx_generate
+from orthrus_mlx.__main__ import main
 from orthrus_mlx.chat import ChatSession
 from orthrus_mlx.cli_generate import chat_prompt
 
@@ -32,7 +42,7 @@ def runs(model_path):
     args = ["chat", "--model", str(model_path), "-m", str(MAX_TOKENS), "--system-prompt", SYSTEM]
     script = "\n".join([QUESTIONS[0], QUESTIONS[1], "/stats", QUESTIONS[2], "/stats", "/reset",
                         QUESTIONS[0], "/quit", "never read"]) + "\n"
-    return run_cli_many({"scripted": (args, script), "eof": (args, QUESTIONS[0] + "\n")})
+    return run_cli_many({"scripted": (args, script)})
 
 
 def parse_turns(stdout: str):
@@ -96,10 +106,54 @@ def test_three_turns_equal_fresh_runs_and_prefill_only_new_tokens(runs, loaded):
     assert (answer, was_cached) == (turns[0][0], 0) and prefilled == turns[0][2]
 
 
-def test_end_of_input_ends_the_session(runs):
-    out = runs["eof"]
-    assert out.returncode == 0, out.stderr
-    assert len(parse_turns(out.stdout)[0]) == 1
+def test_end_of_input_ends_the_session(model_path, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "stdin", io.StringIO(QUESTIONS[0] + "\n\n/help\n"))
+    assert main(["chat", "--model", str(model_path), "-m", "4"]) == 0
+    out = capsys.readouterr().out
+    assert out.count(" new prompt tokens (0 cached)") == 1 and "/reset" in out
+
+
+def read_until(fd: int, pattern: str, seen: str, timeout: float = 60) -> str:
+    """Read the terminal's output until `pattern` (a regex) matches past what was `seen`."""
+    out = seen
+    deadline = time.time() + timeout
+    while not re.search(pattern, out[len(seen):]):
+        assert time.time() < deadline, f"no {pattern!r} in {out[len(seen):]!r}"
+        if select.select([fd], [], [], 0.5)[0]:
+            out += os.read(fd, 65536).decode("utf-8", "replace")
+    return out
+
+
+def test_terminal_ctrl_c_stops_the_answer_not_the_session(model_path):
+    """On a pseudo-terminal: Ctrl-C mid-answer, the next turn reuses the cache, Ctrl-D ends."""
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "orthrus_mlx", "chat", "--model", str(model_path), "-m", "400"],
+        stdin=slave, stdout=slave, stderr=slave, env=cli_env(), close_fds=True,
+        # The pty becomes the chat's controlling terminal, so ^C there is a real Ctrl-C.
+        start_new_session=True, preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0),
+    )
+    os.close(slave)
+    try:
+        out = read_until(master, r">> ", "")
+        os.write(master, b"Tell me a long story.\n")
+        out = read_until(master, r"story\.\r?\n.", out)
+        os.write(master, b"\x03")
+        out = read_until(master, r"\| stopped \|[^\n]*\n[\s\S]*>> ", out)
+        tokens = int(re.findall(r"\| (\d+) tokens, ", out)[-1])
+        assert 1 <= tokens < 400
+        os.write(master, b"/stats\n")
+        out = read_until(master, r"\[1 turns, \d+ tokens in the cache", out)
+        os.write(master, b"Go on.\n")
+        out = read_until(master, r"\| (length|stop) \|[^\n]*\n[\s\S]*>> ", out)
+        cached = int(re.findall(r"new prompt tokens \((\d+) cached\)", out)[-1])
+        assert cached > 0
+        os.write(master, b"\x04")
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        os.close(master)
 
 
 def test_a_stopped_answer_keeps_the_cache_consistent(loaded):
