@@ -53,8 +53,9 @@ def categorical(logprobs: torch.Tensor, generator: Optional[torch.Generator]) ->
 class TorchBackend:
     """The model passes of one generation over a preallocated KV cache.
 
-    `compile=True` runs the fixed-length passes through torch.compile over the whole cache
-    (one shape per block length; CUDA graphs on a GPU); prefill always runs eagerly.
+    `compile=True` runs the passes of length 1 and `block_size` through torch.compile over
+    the whole cache (fixed shapes; CUDA graphs on a GPU); prefill and the one shorter step
+    at the end of a generation run eagerly rather than compiling a shape used once.
     """
 
     def __init__(
@@ -63,6 +64,7 @@ class TorchBackend:
         cache: KVCache,
         seed: Optional[int] = None,
         compile: bool = False,
+        block_size: Optional[int] = None,
     ):
         self.model = model
         self.cache = cache
@@ -72,13 +74,13 @@ class TorchBackend:
         self.generator = None
         if seed is not None:
             self.generator = torch.Generator(device=self.device).manual_seed(seed)
-        self.static = compile
-        self.forward: Callable = model.forward_cached
+        self.compiled: Optional[Callable] = None
+        self.compiled_lengths = {1, block_size or model.block_size or 1}
         if compile:
             if self.device.type == "cuda":
                 cache.mark_static()
             mode = "reduce-overhead" if self.device.type == "cuda" else None
-            self.forward = torch.compile(model.forward_cached, mode=mode, fullgraph=True, dynamic=False)
+            self.compiled = torch.compile(model.forward_cached, mode=mode, dynamic=False)
 
     def run(self, tokens: Sequence[int], diffusion: bool, drafted: Optional[torch.Tensor] = None) -> torch.Tensor:
         """One pass of `tokens` (then `drafted`) at positions offset ...; logits [T, V]."""
@@ -88,9 +90,10 @@ class TorchBackend:
         n, length = self.cache.offset, ids.shape[0]
         self.cache.check_room(length)
         positions = torch.arange(n, n + length, device=self.device)
-        kv_len = self.cache.capacity if self.static else n + length
         with torch.inference_mode():
-            return self.forward(ids[None], positions, self.cache, diffusion, kv_len)[0]
+            if self.compiled is not None and length in self.compiled_lengths:
+                return self.compiled(ids[None], positions, self.cache, diffusion, self.cache.capacity)[0]
+            return self.model.forward_cached(ids[None], positions, self.cache, diffusion, n + length)[0]
 
     def sample(self, logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
         if params.greedy:

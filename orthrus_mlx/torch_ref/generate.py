@@ -21,8 +21,11 @@ def as_token_list(tokens: Union[Sequence[int], torch.Tensor, Any]) -> List[int]:
     return [int(t) for t in tokens]
 
 
-def cache_capacity(model: Model, needed: int) -> int:
+def cache_capacity(model: Model, needed: int, compile: bool = False) -> int:
+    """Room for `needed` positions; powers of two when compiled, so few shapes ever compile."""
     rounded = -(-max(needed, 1) // CACHE_ROUNDING) * CACHE_ROUNDING
+    if compile:
+        rounded = 1 << (rounded - 1).bit_length()
     return min(rounded, model.args.max_position_embeddings)
 
 
@@ -47,7 +50,8 @@ def torch_generate(
     `eos_token_id` (an int or a list) is joined with the EOS ids of the model's config.
     `prompt_cache` (from `model.make_cache(capacity)`) may already hold earlier tokens;
     then `prompt_tokens` are only the new ones. `compile` runs the per-step passes through
-    torch.compile (CUDA graphs on a GPU).
+    torch.compile (CUDA graphs on a GPU); each new cache capacity compiles once, so reuse a
+    `prompt_cache` (`cache.reset()`) across generations.
     """
     params = SamplingParams(temperature, top_p, top_k, seed)
     if not use_diffusion or not model.has_diffusion:
@@ -57,8 +61,8 @@ def torch_generate(
     prompt = as_token_list(prompt_tokens)
     cache = prompt_cache
     if cache is None:
-        cache = model.make_cache(cache_capacity(model, len(prompt) + max_tokens))
-    backend = TorchBackend(model, cache, seed, compile=compile)
+        cache = model.make_cache(cache_capacity(model, len(prompt) + max_tokens, compile))
+    backend = TorchBackend(model, cache, seed, compile=compile, block_size=block_size)
     eos = eos_set(eos_token_id) | eos_set(model.args.eos_token_id)
     yield from decode(
         backend,
