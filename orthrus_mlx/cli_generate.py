@@ -112,6 +112,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def sampling_params(args: argparse.Namespace) -> SamplingParams:
     """Check the sampling flags before the (slow) model load; raises ValueError."""
+    if args.seed is not None and not 0 <= args.seed < 2**64:
+        raise ValueError(f"--seed must be in [0, 2**64), got {args.seed}")
     if args.max_tokens < 0:
         raise ValueError(f"--max-tokens must be >= 0, got {args.max_tokens}")
     return SamplingParams(args.temp, args.top_p, args.top_k, args.seed)

@@ -127,7 +127,7 @@ def parse_options(body: Dict[str, Any], defaults: argparse.Namespace) -> Dict[st
         temperature=_field(body, "temperature", num, defaults.temp, lambda v: v >= 0, ">= 0"),
         top_p=_field(body, "top_p", num, defaults.top_p, lambda v: 0 < v <= 1, "in (0, 1]"),
         top_k=_field(body, "top_k", (int,), defaults.top_k, lambda v: v >= 0, ">= 0"),
-        seed=_field(body, "seed", (int,), defaults.seed),
+        seed=_field(body, "seed", (int,), defaults.seed, lambda v: 0 <= v < 2**64, "in [0, 2**64)"),
         n=_field(body, "n", (int,), 1, lambda v: v == 1, "1 (one choice per request)"),
         model=_field(body, "model", (str,), None),
     )
@@ -306,6 +306,12 @@ class Handler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args) -> None:
         log.info("%s %s", self.address_string(), format % args)
 
+    headers_sent = False
+
+    def send_response(self, code: int, message: Optional[str] = None) -> None:
+        self.headers_sent = True
+        super().send_response(code, message)
+
     def send_json(self, status: int, payload: Dict[str, Any]) -> None:
         data = json.dumps(payload).encode()
         self.send_response(status)
@@ -344,10 +350,16 @@ class Handler(BaseHTTPRequestHandler):
             return
         chat = path.endswith("chat/completions")
         with self.app.lock:
-            if req.stream:
-                self.stream_response(req, chat)
-            else:
-                self.whole_response(req, chat)
+            try:
+                if req.stream:
+                    self.stream_response(req, chat)
+                else:
+                    self.whole_response(req, chat)
+            except Exception as e:  # a bug, not the client's fault: say so, keep serving
+                log.exception("generation failed")
+                self.close_connection = True
+                if not self.headers_sent:
+                    self.send_error_json(500, f"Generation failed: {e}")
 
     def read_body(self) -> Dict[str, Any]:
         length = self.headers.get("Content-Length")
@@ -365,7 +377,14 @@ class Handler(BaseHTTPRequestHandler):
                 f"The request body ({length} bytes) is over the limit of {MAX_BODY_BYTES} bytes",
                 status=413,
             )
-        raw = self.rfile.read(length)
+        try:
+            raw = self.rfile.read(length)
+        except socket.timeout:
+            self.close_connection = True
+            raise RequestError("Timed out reading the request body", status=408)
+        if len(raw) < length:
+            self.close_connection = True
+            raise RequestError("The request body is shorter than its Content-Length")
         try:
             body = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:

@@ -112,6 +112,7 @@ def test_system_prompt_and_no_diffusion(model_path, loaded, capsys):
         (["generate", "--top-p", "1.5"], 1, "top_p must be in (0, 1]"),
         (["generate", "--max-tokens", "-3"], 1, "--max-tokens must be >= 0"),
         (["generate", "--block-size", "0"], 2, "--block-size"),
+        (["generate", "--seed", "-1"], 1, "--seed must be in"),
         (["generate", "--model", "/no/such/model"], 1, "No model folder"),
         (["chat", "--top-k", "-1"], 1, "top_k must be an integer >= 0"),
         (["server", "--port", "http"], 2, "--port"),

@@ -198,6 +198,7 @@ def test_fifty_requests_with_a_shared_prefix_reuse_the_cache(server, loaded):
 def raw_http(server, data: bytes) -> tuple:
     with socket.create_connection(server[:2], timeout=30) as s:
         s.sendall(data)
+        s.shutdown(socket.SHUT_WR)  # nothing more is coming
         reply = b""
         while chunk := s.recv(65536):
             reply += chunk
@@ -214,6 +215,7 @@ BAD_REQUESTS = [
     ("negative temperature", {"messages": MESSAGES, "temperature": -1}, 400, "temperature"),
     ("top_p range", {"messages": MESSAGES, "top_p": 0}, 400, "top_p"),
     ("seed type", {"messages": MESSAGES, "seed": "x"}, 400, "seed"),
+    ("seed range", {"messages": MESSAGES, "seed": -1}, 400, "seed"),
     ("stop type", {"messages": MESSAGES, "stop": 5}, 400, "stop"),
     ("stream type", {"messages": MESSAGES, "stream": "yes"}, 400, "stream"),
     ("messages type", {"messages": "hello"}, 400, "messages"),
@@ -249,6 +251,12 @@ def test_oversized_body_gets_413(server, loaded):
 def test_missing_content_length_gets_411(server, loaded):
     status, body = raw_http(server, b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
     assert status == 411 and "Content-Length" in body
+    good_request_works(server, loaded)
+
+
+def test_body_shorter_than_its_content_length_gets_400(server, loaded):
+    status, body = raw_http(server, b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{}")
+    assert status == 400 and "shorter" in body
     good_request_works(server, loaded)
 
 
