@@ -33,6 +33,16 @@ def block_size(value: str):
     return size
 
 
+def json_object(value: str) -> Dict[str, Any]:
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({e})")
+    if not isinstance(parsed, dict):
+        raise argparse.ArgumentTypeError('expected a JSON object, e.g. \'{"enable_thinking": false}\'')
+    return parsed
+
+
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model",
@@ -76,7 +86,7 @@ def add_chat_template_arguments(parser: argparse.ArgumentParser) -> None:
         "--chat-template-args",
         "--chat-template-config",
         dest="chat_template_args",
-        type=json.loads,
+        type=json_object,
         default=None,
         help='Extra arguments for the chat template, as a JSON object, e.g. \'{"enable_thinking": false}\'',
     )
@@ -133,8 +143,6 @@ def generation_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
 
 def template_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
     kwargs = dict(args.chat_template_args or {})
-    if not isinstance(kwargs, dict):
-        raise ValueError("--chat-template-args must be a JSON object")
     if args.enable_thinking is not None:
         kwargs["enable_thinking"] = args.enable_thinking
     return kwargs

@@ -16,6 +16,7 @@ from cli_helpers import checkpoint, cli_env, common_prefix
 
 from orthrus_mlx import generate, load
 from orthrus_mlx.cli_generate import chat_prompt
+from orthrus_mlx.server import FifoLock
 
 MAX_TOKENS = 12
 MESSAGES = [{"role": "user", "content": "Name three colours."}]
@@ -277,6 +278,28 @@ def test_client_that_disconnects_mid_stream(server, loaded):
     assert m and int(m.group(1)) < 200, log[-2000:]
     status, data = request(server, "POST", "/v1/completions", {"prompt": PROMPT, "max_tokens": MAX_TOKENS})
     assert status == 200 and data["choices"][0]["text"] == expected(loaded, PROMPT)
+
+
+def test_fifo_lock_serves_in_arrival_order():
+    lock, order, inside = FifoLock(), [], []
+
+    def worker(i):
+        with lock:
+            inside.append(i)
+            assert len(inside) == 1  # one at a time
+            time.sleep(0.01)
+            order.append(i)
+            inside.pop()
+
+    with lock:  # hold it while the others queue up, in a known order
+        threads = []
+        for i in range(8):
+            threads.append(threading.Thread(target=worker, args=(i,)))
+            threads[-1].start()
+            time.sleep(0.02)
+    for t in threads:
+        t.join(timeout=10)
+    assert order == list(range(8))
 
 
 def test_concurrent_requests_are_served_one_at_a_time_correctly(server, loaded):
