@@ -59,24 +59,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        path = convert(
-            args.hf_path,
-            args.mlx_path,
-            dtype=args.dtype,
-            quantize=args.quantize,
-            q_bits=args.q_bits,
-            q_group_size=args.q_group_size,
-            diffusion_bits=args.diffusion_bits,
-            embed_bits=args.embed_bits,
-            force=args.force,
-            revision=args.revision,
-            max_file_size_gb=args.max_shard_size_gb,
-            progress=not args.no_progress,
-        )
-    except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError) as e:
-        print(f"orthrus-convert: error: {e}", file=sys.stderr)
-        return 1
+    """Bad input raises ValueError / OSError: the caller prints it as one line."""
+    path = convert(
+        args.hf_path,
+        args.mlx_path,
+        dtype=args.dtype,
+        quantize=args.quantize,
+        q_bits=args.q_bits,
+        q_group_size=args.q_group_size,
+        diffusion_bits=args.diffusion_bits,
+        embed_bits=args.embed_bits,
+        force=args.force,
+        revision=args.revision,
+        max_file_size_gb=args.max_shard_size_gb,
+        progress=not args.no_progress,
+    )
     print(f"Wrote {path}", file=sys.stderr)
     return 0
 
@@ -87,7 +84,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         description="Convert a Hugging Face Orthrus checkpoint to an MLX folder, optionally quantized.",
     )
     add_arguments(parser)
-    return run(parser.parse_args(argv))
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except KeyboardInterrupt:
+        return 130
+    except (ValueError, OSError) as e:
+        print(f"{parser.prog}: error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -378,6 +378,13 @@ def test_cli_converts_and_reports_errors(source, tmp_path, capsys):
     assert "exists and is not empty; pass --force" in capsys.readouterr().err
     assert cli.main(argv + ["--force"]) == 0
 
+    from orthrus_mlx.__main__ import main as orthrus_mlx_main  # `orthrus-mlx convert ...`
+
+    assert orthrus_mlx_main(["convert"] + argv) == 1
+    assert "orthrus-mlx convert: error: --mlx-path" in capsys.readouterr().err
+    assert orthrus_mlx_main(["convert"] + argv + ["--force", "--q-bits", "4"]) == 0
+    assert json.loads((target / "config.json").read_text())["quantization"]["bits"] == 4
+
     with pytest.raises(SystemExit):
         cli.main(argv[:4] + ["-q", "--q-bits", "7"])
     with pytest.raises(SystemExit):
