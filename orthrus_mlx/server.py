@@ -32,7 +32,7 @@ from .loader import DEFAULT_MODEL
 from .prompt_cache import PromptCache
 
 MAX_BODY_BYTES = 1 << 20
-DISCONNECTS = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError)
+DISCONNECTS = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError, TimeoutError)
 log = logging.getLogger("orthrus_mlx.server")
 
 
