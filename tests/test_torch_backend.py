@@ -131,6 +131,30 @@ def test_loader_names_bad_tensors(tmp_path_factory):
         load_model(path, device="cpu")
 
 
+def test_loader_refuses_what_it_cannot_run(tmp_path_factory):
+    for extra, message in [
+        ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "yarn"),
+        ({"quantization": {"bits": 4, "group_size": 64}}, "MLX-quantized"),
+    ]:
+        path, _ = checkpoint(tmp_path_factory, tiny_config(**extra), seed=8)
+        with pytest.raises((ValueError, NotImplementedError), match=message):
+            load_model(path, device="cpu")
+
+
+def test_text_generation_equals_mlx(tmp_path_factory):
+    from orthrus_mlx import generate as mlx_generate_text
+    from orthrus_mlx import load as mlx_load
+    from orthrus_mlx.testing import random_checkpoint
+    from orthrus_mlx.torch_ref.generate import generate
+    from orthrus_mlx.torch_ref.loader import load
+
+    path = random_checkpoint(tmp_path_factory.mktemp("ck"), tiny_config(), seed=9)
+    model, tokenizer = load(path, device="cpu")
+    text = generate(model, tokenizer, "Hello, Orthrus", max_tokens=24)
+    assert text == mlx_generate_text(*mlx_load(path), "Hello, Orthrus", max_tokens=24)
+    assert len(text) > 0
+
+
 # 2. Greedy output: torch Orthrus == torch AR == MLX Orthrus, token for token.
 
 

@@ -92,6 +92,9 @@ class TorchBackend:
         positions = torch.arange(n, n + length, device=self.device)
         with torch.inference_mode():
             if self.compiled is not None and length in self.compiled_lengths:
+                if self.device.type == "cuda":
+                    # Each call is a new CUDA-graph iteration: the previous outputs were consumed.
+                    torch.compiler.cudagraph_mark_step_begin()
                 return self.compiled(ids[None], positions, self.cache, diffusion, self.cache.capacity)[0]
             return self.model.forward_cached(ids[None], positions, self.cache, diffusion, n + length)[0]
 

@@ -73,3 +73,26 @@ def torch_generate(
         block_size=block_size,
         stats=stats,
     )
+
+
+def generate(
+    model: Model,
+    tokenizer,
+    prompt: Union[str, Sequence[int]],
+    max_tokens: int = 256,
+    verbose: bool = False,
+    **kwargs,
+) -> str:
+    """The whole generated text (a transformers tokenizer); `kwargs` are `torch_generate`'s."""
+    if isinstance(prompt, str):
+        prompt = tokenizer.encode(prompt)
+    eos = eos_set(kwargs.pop("eos_token_id", None)) | eos_set(tokenizer.eos_token_id)
+    stats = kwargs.pop("stats", None) or DecodeStats()
+    tokens = list(torch_generate(model, prompt, eos, max_tokens, stats=stats, **kwargs))
+    text = tokenizer.decode([t for t in tokens if t not in eos])
+    if verbose:
+        print(text)
+        print("=" * 10)
+        print(f"Generation: {len(tokens)} tokens, {stats.steps} steps, "
+              f"{stats.mean_tokens_per_step:.2f} tokens-per-step")
+    return text

@@ -23,6 +23,18 @@ def default_device() -> torch.device:
 
 
 def model_args(config: Dict[str, Any]) -> ModelArgs:
+    if "quantization" in config:
+        raise ValueError(
+            "This is an MLX-quantized folder: the PyTorch backend loads the original "
+            "Hugging Face checkpoint (bf16/fp32 safetensors)."
+        )
+    scaling = config.get("rope_scaling") or {}
+    rope_type = scaling.get("rope_type", scaling.get("type"))
+    rope_type = (config.get("rope_parameters") or {}).get("rope_type", rope_type)
+    if rope_type not in (None, "default"):
+        raise NotImplementedError(
+            f"RoPE scaling {rope_type!r} is not implemented in the PyTorch backend (plain RoPE only)."
+        )
     args = ModelArgs.from_dict(config)
     if not args.has_diffusion:
         warnings.warn(
