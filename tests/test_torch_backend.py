@@ -131,6 +131,21 @@ def test_loader_names_bad_tensors(tmp_path_factory):
         load_model(path, device="cpu")
 
 
+def test_sharded_bf16_checkpoint_loads_like_mlx(tmp_path_factory):
+    config = tiny_config()
+    path = save_checkpoint(tmp_path_factory.mktemp("ck"), config, random_weights(config, seed=4),
+                           dtype="bfloat16", shards=3, tokenizer=False)
+    ours, _ = load_model(path, device="cpu")
+    theirs, _ = mlx_load_model(path, dtype="float32")
+    assert ours.model.embed_tokens.weight.dtype == torch.float32  # CPU default, upcast exactly
+    tokens = np.arange(40, 57)[None]
+    got = ours.step(torch.tensor(tokens), ours.make_cache(64)).numpy()
+    assert np.abs(got - np.array(theirs(mx.array(tokens), cache=theirs.make_cache()))).max() < 1e-4
+    bf16, _ = load_model(path, device="cpu", dtype="bfloat16")
+    assert bf16.model.layers[0].self_attn.q_proj_diff.weight.dtype == torch.bfloat16
+    assert len(list(torch_generate(bf16, [1, 2, 3], None, 12, temperature=0.8, seed=0))) == 12
+
+
 def test_loader_refuses_what_it_cannot_run(tmp_path_factory):
     for extra, message in [
         ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "yarn"),
