@@ -30,13 +30,13 @@ def loaded(model_path):
 def runs(model_path):
     """Every subprocess of this module, started together: each one's imports take seconds."""
     m = ["--model", str(model_path), "-m", str(MAX_TOKENS)]
+    # With the shipped checkpoint in the repo, the plain run also checks that it is the default.
+    plain = ["-m", str(MAX_TOKENS)] if SHIPPED else m
     cases = {
-        "plain": (["generate", *m, "--prompt", PROMPT], None),
+        "plain": (["generate", *plain, "--prompt", PROMPT], None),
         "verbose-stdin": ([console_script(), "generate", *m, "--prompt", "-", "--verbose"], PROMPT),
         "bad-flag": ([console_script(), "generate", "--bogus"], None),
     }
-    if SHIPPED:
-        cases["default-model"] = (["generate", "--prompt", PROMPT, "-m", str(MAX_TOKENS)], None)
     return run_cli_many(cases)
 
 
@@ -55,6 +55,7 @@ def expected_text(loaded, message: str, system: str = None, **kwargs) -> str:
 
 
 def test_generate_prints_the_engines_text(runs, loaded):
+    """On the shipped checkpoint, without --model (it is the default); else on a random one."""
     out = runs["plain"]
     assert out.returncode == 0, out.stderr
     assert out.stdout == expected_text(loaded, PROMPT) + "\n"
@@ -85,13 +86,6 @@ def test_bad_flag_process_exits_2_with_one_line(runs):
     assert out.stdout == ""
     assert out.stderr.count("\n") == 1
     assert "error: unrecognized arguments: --bogus" in out.stderr
-
-
-@pytest.mark.skipif(not SHIPPED, reason="the shipped checkpoint is not in the repo yet")
-def test_without_model_uses_the_shipped_checkpoint(runs, loaded):
-    out = runs["default-model"]
-    assert out.returncode == 0, out.stderr
-    assert out.stdout == expected_text(loaded, PROMPT) + "\n"
 
 
 def test_system_prompt_and_no_diffusion(model_path, loaded, capsys):
