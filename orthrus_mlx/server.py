@@ -25,6 +25,7 @@ from .cli_generate import (
     load_from_args,
     sampling_params,
     template_kwargs,
+    with_system,
 )
 from .decode import DecodeStats, SamplingParams
 from .generate import stream_generate
@@ -215,8 +216,11 @@ class App:
         if path.endswith("chat/completions"):
             template = dict(self.template)
             template.update(_field(body, "chat_template_kwargs", (dict,), {}))
+            messages = parse_messages(body)
+            if self.defaults.system_prompt is not None and messages[0]["role"] != "system":
+                messages = with_system(self.defaults.system_prompt, messages)
             try:
-                prompt = chat_prompt(self.tokenizer, parse_messages(body), template)
+                prompt = chat_prompt(self.tokenizer, messages, template)
             except RequestError:
                 raise
             except Exception as e:  # the template's own complaint (unknown role, ...)

@@ -1,5 +1,6 @@
 """`orthrus-mlx server` as a real process on a free loopback port, driven over real sockets."""
 
+import argparse
 import http.client
 import json
 import re
@@ -16,7 +17,7 @@ from cli_helpers import checkpoint, cli_env, common_prefix
 
 from orthrus_mlx import generate, load
 from orthrus_mlx.cli_generate import chat_prompt
-from orthrus_mlx.server import FifoLock
+from orthrus_mlx.server import App, FifoLock, StopStrings
 
 MAX_TOKENS = 12
 MESSAGES = [{"role": "user", "content": "Name three colours."}]
@@ -318,3 +319,27 @@ def test_concurrent_requests_are_served_one_at_a_time_correctly(server, loaded):
         status, data = answers[i]
         assert status == 200, data
         assert data["choices"][0]["message"]["content"] == expected(loaded, q, max_tokens=8)
+
+
+def test_stop_strings_hold_back_a_possible_start_across_pieces():
+    stops = StopStrings(["END", "xy"])
+    assert stops.feed("abcE") == ("abc", False)  # "E" may start "END"
+    assert stops.feed("N") == ("", False)
+    assert stops.feed("Dzzz") == ("", True)
+    stops = StopStrings(["END"])
+    assert stops.feed("hE") == ("h", False)
+    assert stops.feed("x") == ("Ex", False)  # not "END" after all: released
+    assert stops.feed("E") == ("", False) and stops.flush() == "E"
+
+
+def test_server_system_prompt_applies_when_the_request_has_none(loaded):
+    model, tokenizer = loaded
+    defaults = argparse.Namespace(temp=0.0, top_p=1.0, top_k=0, seed=None, max_tokens=8,
+                                  system_prompt="Be brief.", no_diffusion=False, block_size=None)
+    app = App(model, tokenizer, "m", defaults)
+    system = {"role": "system", "content": "Be brief."}
+    req = app.request("/v1/chat/completions", {"messages": MESSAGES})
+    assert req.prompt == chat_prompt(tokenizer, [system] + MESSAGES, {})
+    own = [{"role": "system", "content": "Be long."}] + MESSAGES
+    assert app.request("/v1/chat/completions", {"messages": own}).prompt == chat_prompt(tokenizer, own, {})
+    assert req.max_tokens == 8 and req.sampling.greedy
