@@ -74,3 +74,22 @@ def test_torch_orthrus_greedy_equals_ar_greedy(trained):
     assert res.tokens == ar_greedy(model, prompt, max_tokens=30, eos_ids=[EOS])
     assert sum(res.tokens_per_step) + 1 == len(res.tokens)
     assert len(res.tokens_per_step) < len(res.tokens) - 1  # drafting accepted something
+
+
+def test_one_token_block_with_copied_weights_is_the_ar_view():
+    """Block [x_s] reads AR keys < s plus itself: with diff == AR weights that is the AR view."""
+    from orthrus_mlx.train.views import ar_pass, block_inputs, diffusion_pass
+
+    model = tiny_model()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(3)) * 0.1)
+        model.copy_ar_to_diffusion()
+        ids = torch.randint(0, 40, (2, 20), generator=torch.Generator().manual_seed(4))
+        starts = torch.tensor([[1, 7, 19], [3, 4, 12]])
+        logits, kvs = ar_pass(model, ids)
+        tokens, positions, mask = block_inputs(ids, starts, 1, MASK)
+        draft = diffusion_pass(model, kvs, tokens, positions, mask)
+    expected = torch.gather(logits, 1, starts[:, :, None].expand(-1, -1, VOCAB))
+    torch.testing.assert_close(draft, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logits, model(ids), atol=1e-5, rtol=1e-5)

@@ -41,7 +41,7 @@ def main(argv=None) -> None:
     p.add_argument("--diff-steps", type=int, default=1500)
     p.add_argument("--diff-minutes", type=float, default=None)
     p.add_argument("--diff-batch", type=int, default=8)
-    p.add_argument("--diff-lr", type=float, default=1e-3)
+    p.add_argument("--diff-lr", type=float, default=2e-3)
     p.add_argument("--diff-block-sizes", default="8,16,32", help="K sampled per training step")
     p.add_argument("--eval-max-tokens", type=int, default=64)
     args = p.parse_args(argv)

@@ -75,7 +75,9 @@ embeddings); see `config.json` for the shape.
    {diff['seconds'] / 60:.1f} min.
 
 Total training time {minutes:.0f} min on a shared 2-core CPU (1 torch thread, other jobs running).
-Recreate exactly (same steps, same seeds):
+The run used wall-clock budgets (`--base-minutes 25 --diff-minutes 22`), which set the step counts
+above. To recreate it on any machine with the same steps and seeds (the cosine schedule then
+follows the steps instead of the clock, so the weights differ slightly):
 
     python -m orthrus_mlx.train --out orthrus_mlx/assets/orthrus-tiny --threads 1 \\
         --base-steps {base['steps']} --diff-steps {diff['steps']}

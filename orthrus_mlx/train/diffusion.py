@@ -29,7 +29,7 @@ class DiffusionTrainConfig:
     seq_len: int = 256
     block_sizes: Tuple[int, ...] = (8, 16, 32)
     block_tokens_per_seq: int = 128  # blocks per sequence = this // K
-    lr: float = 1e-3
+    lr: float = 2e-3
     warmup: int = 30
     seed: int = 0
     eval_every: int = 100
