@@ -202,6 +202,7 @@ def summarize(runs: Dict[str, List[List[Run]]], modes: List[str]) -> Dict[str, d
         base = out.get("mlx-lm")
         s["ratio_to_mlx_lm"] = s["tokens_per_sec"] / base["tokens_per_sec"] if base else None
         ar = out.get("ar")
+        s["ratio_to_ar"] = s["tokens_per_sec"] / ar["tokens_per_sec"] if ar else None
         ar_token = ar["generation_seconds"] / max(1, ar["generated_tokens"]) if ar else 0
         s["step_cost_vs_ar_token"] = s["step_seconds"] / ar_token if ar_token > 0 else None
     return out
@@ -237,13 +238,14 @@ def fmt(value, spec: str) -> str:
 
 def markdown_table(summary: Dict[str, dict]) -> str:
     lines = [
-        "| mode | tok/s | vs mlx-lm | TTFT ms | tokens/step | step cost (AR tokens) | peak MB | identical |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+        "| mode | tok/s | vs mlx-lm | vs ar | TTFT ms | tokens/step | step cost (AR tokens) | peak MB | identical |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for mode, s in summary.items():
         same = "yes" if not s["mismatched_prompts"] else f"NO ({len(s['mismatched_prompts'])} prompts)"
         lines.append(
             f"| {mode} | {s['tokens_per_sec']:.1f} | {fmt(s['ratio_to_mlx_lm'], '.2f')}x "
+            f"| {fmt(s['ratio_to_ar'], '.2f')}x "
             f"| {1e3 * s['ttft_s']:.1f} | {s['mean_tokens_per_step']:.2f} "
             f"| {fmt(s['step_cost_vs_ar_token'], '.2f')} | {1e3 * s['peak_memory_gb']:.1f} | {same} |"
         )
