@@ -58,6 +58,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=",".join(MODES),
         help=f"Comma-separated subset of {','.join(MODES)} ('orthrus' is one mode per block size)",
     )
+    parser.add_argument(
+        "--random-diffusion",
+        action="store_true",
+        help="Replace the diffusion view's projections by random ones of the same scale (useless "
+        "drafts: what the adaptive mode costs when drafting cannot pay)",
+    )
     parser.add_argument("--json", default=None, metavar="OUT", help="Write every figure as JSON")
     parser.add_argument("--plot", default=None, metavar="OUT.png", help="Write a PNG of the figures")
 
@@ -136,6 +142,22 @@ def load_mlx_lm_model(model_path: Path, dtype: Optional[str]):
     if dtype is not None:
         model.set_dtype(DTYPES[dtype])
     return model
+
+
+def randomize_diffusion(model, seed: int = 0) -> None:
+    """Useless drafts: every *_proj_diff matrix redrawn at random, scaled like the trained one."""
+    key = mx.random.key(seed)
+    new = []
+    for name, p in tree_flatten(model.parameters()):
+        if "_proj_diff" not in name:
+            continue
+        if not mx.issubdtype(p.dtype, mx.floating):
+            raise ValueError("--random-diffusion needs an unquantized checkpoint")
+        key, sub = mx.random.split(key)
+        scale = mx.sqrt(mx.mean(mx.square(p.astype(mx.float32))))
+        new.append((name, (mx.random.normal(p.shape, key=sub) * scale).astype(p.dtype)))
+    model.load_weights(new, strict=False)
+    mx.eval(model.parameters())
 
 
 def weight_bytes(model) -> int:
@@ -316,6 +338,8 @@ def run(args: argparse.Namespace) -> int:
     texts = load_prompts(prompts_path)[: args.num_prompts]
 
     model, tokenizer = load(model_path, dtype=args.dtype)
+    if args.random_diffusion and model.has_diffusion:
+        randomize_diffusion(model)
     block_sizes = parse_block_sizes(args.block_sizes, model.block_size)
     modes = parse_modes(args.modes, block_sizes, model.has_diffusion)
     notes = [] if model.has_diffusion else ["plain Qwen3 checkpoint: no orthrus/auto modes"]
@@ -363,6 +387,7 @@ def run(args: argparse.Namespace) -> int:
                 "prompts": str(prompts_path), "num_prompts": len(prompts),
                 "max_tokens": args.max_tokens, "repeats": args.repeats, "dtype": args.dtype,
                 "block_sizes": block_sizes, "modes": modes, "greedy": True,
+                "random_diffusion": args.random_diffusion,
             },
             "summary": summary,
             "prompts": rows,

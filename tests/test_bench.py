@@ -64,3 +64,17 @@ def test_bad_flags_exit_1_with_one_line(model_path, capsys):
     assert main(["bench", "--model", str(model_path), "--modes", "turbo"]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--modes" in err
+
+
+def test_random_diffusion_gives_useless_drafts_and_the_same_tokens(model_path, tmp_path, monkeypatch):
+    monkeypatch.setenv("ORTHRUS_MLX_CACHE", str(tmp_path))  # auto's step-cost calibration
+    out = tmp_path / "bench.json"
+    args = ["bench", "--model", str(model_path), "--num-prompts", "1", "--max-tokens", "8",
+            "--repeats", "1", "--modes", "mlx-lm,ar,orthrus,auto", "--block-sizes", "4",
+            "--random-diffusion", "--json", str(out)]
+    assert main(args) == 0
+    report = json.loads(out.read_text())
+    assert report["settings"]["random_diffusion"] is True
+    summary = report["summary"]
+    assert set(summary) <= {"mlx-lm", "ar", "orthrus-4", "auto"} and "orthrus-4" in summary
+    assert all(s["mismatched_prompts"] == [] for s in summary.values())
