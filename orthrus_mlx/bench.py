@@ -205,7 +205,7 @@ def summarize(runs: Dict[str, List[List[Run]]], modes: List[str]) -> Dict[str, d
         gen_time = sum(statistics.median(r.gen_time for r in rs) for rs in per_prompt)
         gen_tokens = sum(len(rs[0].tokens) - 1 for rs in per_prompt)
         steps = [s for rs in per_prompt for s in rs[0].tokens_per_step]
-        mismatches = []
+        mismatches = None  # no mlx-lm run to compare with
         if reference is not None:
             mismatches = [i for i, rs in enumerate(per_prompt) if rs[0].tokens != reference[i][0].tokens]
         out[mode] = {
@@ -254,8 +254,8 @@ def prompt_rows(runs: Dict[str, List[List[Run]]], prompts: List[List[int]], mode
     return rows
 
 
-def fmt(value, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
+def fmt(value, spec: str, suffix: str = "") -> str:
+    return "-" if value is None else format(value, spec) + suffix
 
 
 def markdown_table(summary: Dict[str, dict]) -> str:
@@ -264,10 +264,11 @@ def markdown_table(summary: Dict[str, dict]) -> str:
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for mode, s in summary.items():
-        same = "yes" if not s["mismatched_prompts"] else f"NO ({len(s['mismatched_prompts'])} prompts)"
+        mismatched = s["mismatched_prompts"]
+        same = "-" if mismatched is None else f"NO ({len(mismatched)} prompts)" if mismatched else "yes"
         lines.append(
-            f"| {mode} | {s['tokens_per_sec']:.1f} | {fmt(s['ratio_to_mlx_lm'], '.2f')}x "
-            f"| {fmt(s['ratio_to_ar'], '.2f')}x "
+            f"| {mode} | {s['tokens_per_sec']:.1f} | {fmt(s['ratio_to_mlx_lm'], '.2f', 'x')} "
+            f"| {fmt(s['ratio_to_ar'], '.2f', 'x')} "
             f"| {1e3 * s['ttft_s']:.1f} | {s['mean_tokens_per_step']:.2f} "
             f"| {fmt(s['step_cost_vs_ar_token'], '.2f')} | {1e3 * s['peak_memory_gb']:.1f} | {same} |"
         )
