@@ -35,8 +35,7 @@ VARIANTS: Dict[str, Optional[dict]] = {
 FALLBACK_PROMPTS = ["The quick brown fox", "def main():\n    ", "Once upon a time", "1, 2, 3, 4,"]
 
 
-def read_prompts(model_path: Path, count: int) -> List[str]:
-    file = model_path / "heldout_prompts.json"
+def read_prompts(file: Path, count: int) -> List[str]:
     if not file.is_file():
         return FALLBACK_PROMPTS[:count]
     prompts = json.loads(file.read_text())
@@ -81,6 +80,9 @@ def main() -> None:
     parser.add_argument("--model", default=str(DEFAULT_MODEL), help="HF-layout model folder.")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--prompts", type=int, default=32, help="How many held-out prompts.")
+    parser.add_argument(
+        "--prompts-file", default=None, help="Default: heldout_prompts.json beside the model."
+    )
     parser.add_argument("--q-group-size", type=int, default=64)
     parser.add_argument("--output", default=None, help="Also write the table to this markdown file.")
     args = parser.parse_args()
@@ -93,7 +95,8 @@ def main() -> None:
         config = tiny_config(hidden_size=128, head_dim=32, intermediate_size=256)
         model_path = random_checkpoint(Path(work.name) / "random", config)
         note = f"{args.model} not found: a RANDOM tiny checkpoint (drafting numbers are meaningless)"
-    prompts = read_prompts(model_path, args.prompts)
+    prompts_file = Path(args.prompts_file) if args.prompts_file else model_path / "heldout_prompts.json"
+    prompts = read_prompts(prompts_file, args.prompts)
 
     rows = []
     for name, options in VARIANTS.items():
