@@ -187,26 +187,33 @@ def run(args: argparse.Namespace) -> int:
         message = read_message(interactive)
         if message is None or message.strip() == "/quit":
             break
-        command = message.strip()
-        if not command:
-            continue
-        if command == "/reset":
-            session.reset()
-            print("[conversation reset]", flush=True)
-            continue
-        if command == "/stats":
-            print(session.summary(), flush=True)
-            continue
-        if command in ("/help", "/?"):
-            print(f"[{HELP}]", flush=True)
-            continue
         try:
+            # Ctrl-C anywhere in a turn only sets the flag: the answer stops, the session stays.
             with ctrl_c_flag() as stop:
-                for text in session.reply(message, should_stop=stop.is_set):
-                    print(text, end="", flush=True)
+                respond(session, message, stop)
+        except KeyboardInterrupt:  # in the instant between reading and the flag's handler
+            print()
+    return 0
+
+
+def respond(session: ChatSession, message: str, stop: threading.Event) -> None:
+    """Run one line of input: a command, or a message to answer with its footer."""
+    command = message.strip()
+    if not command:
+        return
+    if command == "/reset":
+        session.reset()
+        print("[conversation reset]", flush=True)
+    elif command == "/stats":
+        print(session.summary(), flush=True)
+    elif command in ("/help", "/?"):
+        print(f"[{HELP}]", flush=True)
+    else:
+        try:
+            for text in session.reply(message, should_stop=stop.is_set):
+                print(text, end="", flush=True)
         except ValueError as e:
             print(f"[error: {e}]", flush=True)
-            continue
+            return
         print()
         print(session.turns[-1].footer(), flush=True)
-    return 0

@@ -61,3 +61,50 @@ class PromptCache:
             if c.offset > n:
                 c.trim(c.offset - n)
         self.tokens = self.tokens[:n]
+
+    def fork(self, n: int) -> "PromptCache":
+        """A new cache holding this one's first `n` tokens, sharing its arrays.
+
+        Sharing is safe: a KV cache writes by slice assignment, which gives the
+        writer a new array and leaves every other holder's data as it was.
+        """
+        other = PromptCache(self.model)
+        n = min(n, len(self.tokens))
+        if n > 0:
+            for mine, theirs in zip(self.cache, other.cache):
+                theirs.keys, theirs.values = mine.keys[..., :n, :], mine.values[..., :n, :]
+                theirs.offset = n
+            other.tokens = self.tokens[:n]
+        return other
+
+
+class PromptCachePool:
+    """A few prompt caches, so that interleaved conversations each keep their own prefix.
+
+    A prompt takes the cache it extends; one that branches off a cache gets a fork
+    at the branch point, and the least recently used cache makes room.
+    """
+
+    def __init__(self, model: Model, size: int = 4):
+        if size < 1:
+            raise ValueError(f"The prompt cache pool needs at least one cache, got {size}")
+        self.model, self.size = model, size
+        self.caches: List[PromptCache] = []  # least recently used first
+
+    def __len__(self) -> int:
+        return len(self.caches)
+
+    def take(self, prompt: Sequence[int]) -> PromptCache:
+        best, shared = None, -1
+        for pc in self.caches:  # the most recent wins ties
+            n = common_prefix_length(pc.tokens, prompt)
+            if n >= shared:
+                best, shared = pc, n
+        if best is not None and shared == len(best.tokens):
+            self.caches.remove(best)
+        else:
+            best = best.fork(shared) if best is not None else PromptCache(self.model)
+            if len(self.caches) >= self.size:
+                self.caches.pop(0)
+        self.caches.append(best)
+        return best

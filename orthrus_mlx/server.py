@@ -1,8 +1,8 @@
 """`orthrus-mlx server`: OpenAI-compatible HTTP over one model, one request at a time.
 
 POST /v1/chat/completions and /v1/completions (SSE streaming or not), GET /v1/models
-and /health. Requests generate one at a time in arrival order over a single prompt
-cache, so a request that shares a prefix with the previous one prefills only the rest.
+and /health. Requests generate one at a time in arrival order; a small pool of prompt
+caches keeps each conversation's prefix, so a request prefills only what is new.
 """
 
 import argparse
@@ -30,7 +30,7 @@ from .cli_generate import (
 from .decode import DecodeStats, SamplingParams
 from .generate import stream_generate
 from .loader import DEFAULT_MODEL
-from .prompt_cache import PromptCache
+from .prompt_cache import PromptCachePool
 
 MAX_BODY_BYTES = 1 << 20
 DISCONNECTS = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError, TimeoutError)
@@ -181,7 +181,7 @@ def parse_messages(body: Dict[str, Any]) -> List[Dict[str, str]]:
 
 
 class App:
-    """The model, its one prompt cache, and the lock that serialises generation."""
+    """The model, its prompt caches, and the lock that serialises generation."""
 
     def __init__(self, model, tokenizer, model_id: str, defaults: argparse.Namespace, template=None):
         self.model, self.tokenizer = model, tokenizer
@@ -189,7 +189,7 @@ class App:
         self.defaults = defaults
         self.template = template or {}
         self.context = model.args.max_position_embeddings
-        self.cache = PromptCache(model)
+        self.caches = PromptCachePool(model, getattr(defaults, "prompt_cache_size", 4))
         self.lock = FifoLock()
         self.created = int(time.time())
 
@@ -249,7 +249,8 @@ class App:
 
     def generate(self, req: Request, usage: Dict[str, Any]) -> Iterator[Tuple[str, Optional[str]]]:
         """(text, finish_reason) pieces; call under `self.lock`. Fills `usage` as it goes."""
-        new = self.cache.prepare(req.prompt)
+        cache = self.caches.take(req.prompt)
+        new = cache.prepare(req.prompt)
         usage.update(
             prompt_tokens=len(req.prompt),
             completion_tokens=0,
@@ -269,7 +270,7 @@ class App:
             self.tokenizer,
             new,
             max_tokens=req.max_tokens,
-            prompt_cache=self.cache.cache,
+            prompt_cache=cache.cache,
             stats=stats,
             **options,
         )
@@ -288,7 +289,7 @@ class App:
                     yield text, None
         finally:
             responses.close()
-            self.cache.commit(req.prompt, emitted)
+            cache.commit(req.prompt, emitted)
             usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
             usage["orthrus"] = {
                 "steps": stats.steps,
@@ -333,7 +334,8 @@ class Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         path = self.path.split("?")[0].rstrip("/")
         if path == "/health":
-            self.send_json(200, {"status": "ok", "cached_tokens": len(self.app.cache)})
+            caches = self.app.caches.caches
+            self.send_json(200, {"status": "ok", "prompt_caches": [len(c) for c in caches]})
         elif path == "/v1/models":
             model = {"id": self.app.model_id, "object": "model", "created": self.app.created,
                      "owned_by": "orthrus-mlx"}
@@ -492,6 +494,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_chat_template_arguments(parser)
     add_sampling_arguments(parser, max_tokens=512)
     parser.add_argument(
+        "--prompt-cache-size",
+        type=int,
+        default=4,
+        help="How many conversations' KV caches to keep at once (default: 4)",
+    )
+    parser.add_argument(
         "--log-level",
         default="INFO",
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
@@ -515,6 +523,8 @@ def make_server(app: App, host: str, port: int) -> ThreadingHTTPServer:
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(message)s")
     sampling_params(args)
+    if args.prompt_cache_size < 1:
+        raise ValueError(f"--prompt-cache-size must be >= 1, got {args.prompt_cache_size}")
     template = template_kwargs(args)
     model, tokenizer = load_from_args(args)
     model_id = args.model or DEFAULT_MODEL.name

@@ -113,12 +113,12 @@ def test_end_of_input_ends_the_session(model_path, monkeypatch, capsys):
     assert out.count(" new prompt tokens (0 cached)") == 1 and "/reset" in out
 
 
-def read_until(fd: int, pattern: str, seen: str, timeout: float = 60) -> str:
-    """Read the terminal's output until `pattern` (a regex) matches past what was `seen`."""
-    out = seen
+def read_until(fd: int, pattern: str, out: str, since: int = None, timeout: float = 60) -> str:
+    """Read the terminal's output onto `out` until `pattern` (a regex) matches past `since`."""
+    since = len(out) if since is None else since
     deadline = time.time() + timeout
-    while not re.search(pattern, out[len(seen):]):
-        assert time.time() < deadline, f"no {pattern!r} in {out[len(seen):]!r}"
+    while not re.search(pattern, out[since:]):
+        assert time.time() < deadline, f"no {pattern!r} in {out[since:]!r}"
         if select.select([fd], [], [], 0.5)[0]:
             out += os.read(fd, 65536).decode("utf-8", "replace")
     return out
@@ -135,13 +135,16 @@ def test_terminal_ctrl_c_stops_the_answer_not_the_session(model_path):
     )
     os.close(slave)
 
+    # Type only at the ">> " prompt: a Ctrl-C would flush a line typed ahead of it.
     def interrupted_turn(message: bytes, out: str):
         """Send a message, press Ctrl-C once its answer starts; the turn's footer and the output."""
+        start = len(out)
         os.write(master, message + b"\n")
         out = read_until(master, re.escape(message.decode()) + r"\r?\n.", out)
         os.write(master, b"\x03")
-        out = read_until(master, r"\n(\[[^\n]* new prompt tokens [^\n]*\])\r?\n[\s\S]*>> ", out)
-        return re.findall(r"\[\d+ new prompt tokens [^\n]*\]", out)[-1], out
+        # Searched from `start`: a quick answer may have shown its footer already.
+        out = read_until(master, r"\n(\[[^\n]* new prompt tokens [^\n]*\])\r?\n[\s\S]*>> ", out, start)
+        return re.findall(r"\[\d+ new prompt tokens [^\n]*\]", out[start:])[0], out
 
     try:
         out = read_until(master, r">> ", "")
@@ -153,7 +156,7 @@ def test_terminal_ctrl_c_stops_the_answer_not_the_session(model_path):
         assert "| stopped |" in footer, out
         assert 1 <= int(re.search(r"\| (\d+) tokens, ", footer).group(1)) < 400
         os.write(master, b"/stats\n")
-        out = read_until(master, r"\[\d turns, \d+ tokens in the cache", out)
+        out = read_until(master, r"\[\d turns, \d+ tokens in the cache[^\n]*\n[\s\S]*>> ", out)
         footer, out = interrupted_turn(b"And then?", out)
         assert int(re.search(r"new prompt tokens \((\d+) cached\)", footer).group(1)) > 0
         os.write(master, b"\x04")

@@ -197,6 +197,31 @@ def test_fifty_requests_with_a_shared_prefix_reuse_the_cache(server, loaded):
     assert data["choices"][0]["message"]["content"] == expected(loaded, messages, max_tokens=2)
 
 
+def test_interleaved_conversations_each_keep_their_cache(server, loaded):
+    """Two chats taking turns: each turn reuses its own conversation's prompt and answer."""
+    tokenizer = loaded[1]
+    chats = {
+        "a": [{"role": "system", "content": "You talk about rivers."}],
+        "b": [{"role": "system", "content": "You talk about mountains."}],
+    }
+    previous = {}
+    for turn in range(3):
+        for name, messages in chats.items():
+            messages.append({"role": "user", "content": f"Tell me more, part {turn}."})
+            status, data = chat(server, messages, max_tokens=6)
+            assert status == 200, data
+            answer = data["choices"][0]["message"]["content"]
+            assert answer == expected(loaded, messages, max_tokens=6)
+            prompt = chat_prompt(tokenizer, messages, {})
+            cached = data["usage"]["prompt_tokens_details"]["cached_tokens"]
+            if name in previous:
+                # At least the whole previous prompt of this conversation came from the cache.
+                assert cached >= previous[name], (name, turn)
+            previous[name] = len(prompt)
+            messages.append({"role": "assistant", "content": answer})
+    assert request(server, "GET", "/health")[1]["prompt_caches"]
+
+
 def raw_http(server, data: bytes) -> tuple:
     with socket.create_connection(server[:2], timeout=30) as s:
         s.sendall(data)
