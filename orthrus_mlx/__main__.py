@@ -6,6 +6,7 @@ imported only when that command runs.
 
 import argparse
 import importlib
+import os
 import sys
 from typing import List, Optional
 
@@ -57,6 +58,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         return module.run(args) or 0
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `orthrus-mlx generate ... | head`: the reader left, not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except (ValueError, OSError) as e:  # bad values, missing model folders: one line, no traceback
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 1
