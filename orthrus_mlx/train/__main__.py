@@ -4,7 +4,8 @@
 
 Stages (each reads/writes the --work folder, so any suffix can be re-run alone):
 prepare (corpus, tokenizer, token streams, held-out prompts), base (AR pre-training),
-diffusion (KL distillation of the diffusion view), eval (torch greedy tokens/step), export.
+diffusion (KL distillation of the diffusion view on real text), refine (the same on the base's
+greedy continuations), eval (torch greedy tokens/step), export.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from . import pipeline
 from .base import BaseTrainConfig
 from .diffusion import DiffusionTrainConfig
 
-STAGES = ("prepare", "base", "diffusion", "eval", "export")
+STAGES = ("prepare", "base", "diffusion", "refine", "eval", "export")
 
 
 def main(argv=None) -> None:
@@ -43,6 +44,12 @@ def main(argv=None) -> None:
     p.add_argument("--diff-batch", type=int, default=8)
     p.add_argument("--diff-lr", type=float, default=2e-3)
     p.add_argument("--diff-block-sizes", default="8,16,32", help="K sampled per training step")
+    p.add_argument("--refine-steps", type=int, default=800)
+    p.add_argument("--refine-minutes", type=float, default=None)
+    p.add_argument("--refine-lr", type=float, default=1e-3)
+    p.add_argument("--rollouts", type=int, default=2048, help="greedy continuations to distil on")
+    p.add_argument("--rollout-prefix", type=int, default=128)
+    p.add_argument("--rollout-tokens", type=int, default=64)
     p.add_argument("--eval-max-tokens", type=int, default=64)
     args = p.parse_args(argv)
 
@@ -64,6 +71,13 @@ def main(argv=None) -> None:
                                    seq_len=args.seq_len, block_sizes=sizes, lr=args.diff_lr,
                                    seed=args.seed, minutes=args.diff_minutes)
         pipeline.diffusion(args.work, cfg, args.device)
+    if "refine" in stages:
+        sizes = tuple(int(k) for k in args.diff_block_sizes.split(","))
+        cfg = DiffusionTrainConfig(steps=args.refine_steps, batch=args.diff_batch,
+                                   seq_len=args.seq_len, block_sizes=sizes, lr=args.refine_lr,
+                                   seed=args.seed, minutes=args.refine_minutes, warmup=10)
+        pipeline.refine(args.work, cfg, args.rollouts, args.rollout_prefix, args.rollout_tokens,
+                        args.device)
     if "eval" in stages:
         pipeline.evaluate(args.work, max_tokens=args.eval_max_tokens, device=args.device)
     if "export" in stages:

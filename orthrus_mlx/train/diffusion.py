@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Callable, Sequence, Tuple
+from typing import Callable, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -37,9 +37,9 @@ class DiffusionTrainConfig:
 
 
 def sample_starts(batch: int, blocks: int, seq_len: int, block_size: int,
-                  gen: torch.Generator) -> torch.Tensor:
-    """Block starts s in [1, T-K+1]: a non-empty prefix and a teacher for every block index."""
-    return torch.randint(1, seq_len - block_size + 2, (batch, blocks), generator=gen)
+                  gen: torch.Generator, low: int = 1) -> torch.Tensor:
+    """Block starts s in [low, T-K+1]: a non-empty prefix and a teacher for every block index."""
+    return torch.randint(low, seq_len - block_size + 2, (batch, blocks), generator=gen)
 
 
 def distill_logits(model: Model, ids: torch.Tensor, starts: torch.Tensor,
@@ -103,8 +103,14 @@ def train_diffusion(
     device: str = "cpu",
     eval_block_sizes: Sequence[int] = (8, 16, 32),
     log: Callable[[str], None] = print,
+    rollouts: Optional[torch.Tensor] = None,
+    rollout_prefix: int = 0,
 ) -> dict:
-    """Trains the diffusion view in place; returns a summary with held-out metrics per K."""
+    """Trains the diffusion view in place; returns a summary with held-out metrics per K.
+
+    With `rollouts` ([N, T] base greedy continuations after `rollout_prefix` real tokens) the
+    blocks are drawn from those rows and start inside the greedy part, instead of real text.
+    """
     gen = torch.Generator().manual_seed(cfg.seed)
     params = freeze_base(model)
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
@@ -118,8 +124,14 @@ def train_diffusion(
         for group in opt.param_groups:
             group["lr"] = cosine_lr(step, budget.progress(step), cfg.lr, cfg.warmup)
         K = cfg.block_sizes[int(torch.randint(len(cfg.block_sizes), (1,), generator=gen))]
-        ids = random_windows(train_stream, cfg.batch, cfg.seq_len, gen).to(device)
-        starts = sample_starts(cfg.batch, max(cfg.block_tokens_per_seq // K, 1), cfg.seq_len, K, gen)
+        blocks = max(cfg.block_tokens_per_seq // K, 1)
+        if rollouts is None:
+            ids = random_windows(train_stream, cfg.batch, cfg.seq_len, gen).to(device)
+            starts = sample_starts(cfg.batch, blocks, cfg.seq_len, K, gen)
+        else:
+            rows = torch.randint(len(rollouts), (cfg.batch,), generator=gen)
+            ids = rollouts[rows].to(device)
+            starts = sample_starts(cfg.batch, blocks, ids.shape[1], K, gen, low=rollout_prefix)
         student, teacher = distill_logits(model, ids, starts.to(device), K)
         loss = kl_loss(student, teacher)
         opt.zero_grad(set_to_none=True)

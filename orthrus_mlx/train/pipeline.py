@@ -21,6 +21,7 @@ from .diffusion import DiffusionTrainConfig, train_diffusion
 from .evaluate import evaluate_prompts
 from .export import load_model, save_model
 from .prompts import heldout_prompts
+from .rollouts import greedy_rollouts
 
 Log = Callable[[str], None]
 
@@ -98,7 +99,27 @@ def diffusion(work: Path, cfg: DiffusionTrainConfig, device: str = "cpu", log: L
                               load_stream(work / "heldout.npy"), cfg, device=device, log=log)
     tok = tokenizer.load_tokenizer(work / "tokenizer")
     save_model(model, work / "orthrus", tok.token_to_id(tokenizer.EOS), work / "tokenizer")
+    save_model(model, work / "diffusion", tok.token_to_id(tokenizer.EOS), work / "tokenizer")
     _write_json(work / "diffusion_summary.json", summary)
+    return summary
+
+
+def refine(work: Path, cfg: DiffusionTrainConfig, rollouts: int, prefix_len: int, gen_len: int,
+           device: str = "cpu", log: Log = print) -> dict:
+    """Distil again on the base's own greedy continuations (see rollouts.py)."""
+    model = load_stage(work, "diffusion", device)
+    t0 = time.time()
+    rows = greedy_rollouts(model, load_stream(work / "train.npy"), rollouts, prefix_len, gen_len,
+                           seed=cfg.seed + 1, device=device)
+    log(f"refine: {len(rows)} greedy rollouts of {gen_len} tokens in {time.time() - t0:.0f}s")
+    summary = train_diffusion(model, load_stream(work / "train.npy"),
+                              load_stream(work / "heldout.npy"), cfg, device=device, log=log,
+                              rollouts=rows, rollout_prefix=prefix_len)
+    summary.update(rollouts=len(rows), rollout_prefix=prefix_len, rollout_tokens=gen_len,
+                   rollout_seconds=time.time() - t0 - summary["seconds"])
+    tok = tokenizer.load_tokenizer(work / "tokenizer")
+    save_model(model, work / "orthrus", tok.token_to_id(tokenizer.EOS), work / "tokenizer")
+    _write_json(work / "refine_summary.json", summary)
     return summary
 
 
@@ -130,7 +151,7 @@ def export(work: Path, out: Path, log: Log = print) -> None:
         shutil.copy(work / "orthrus" / name, out / name)
     shutil.copy(work / "heldout_prompts.json", out / "heldout_prompts.json")
     summaries = {name: json.loads((work / f"{name}.json").read_text())
-                 for name in ("corpus_info", "base_summary", "diffusion_summary", "eval")}
+                 for name in ("corpus_info", "base_summary", "diffusion_summary", "refine_summary", "eval")}
     (out / "README.md").write_text(model_card(summaries))
     total = sum(f.stat().st_size for f in out.iterdir())
     log(f"export: {out} ({total / 1e6:.2f} MB)")
