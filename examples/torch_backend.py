@@ -1,0 +1,11 @@
+"""The same checkpoint and decoding step through PyTorch (CUDA in bf16 when available)."""
+
+import torch
+
+from orthrus_mlx.loader import DEFAULT_MODEL
+from orthrus_mlx.torch_ref.generate import generate
+from orthrus_mlx.torch_ref.loader import load
+
+device = "cuda" if torch.cuda.is_available() else "cpu"
+model, tokenizer = load(DEFAULT_MODEL, device=device)
+print(generate(model, tokenizer, "def main(argv):\n", max_tokens=80))
