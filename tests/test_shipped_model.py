@@ -18,7 +18,7 @@ ASSET = Path(os.environ.get("ORTHRUS_TINY", Path(orthrus_mlx.__file__).parent / 
 MAX_TOKENS = 64
 N_PROMPTS = 8  # the first prompts of the file: keeps the test to seconds
 # A little below the measured mean tokens/step (see the model card), so real regressions fail.
-FLOOR = {16: 2.3}  # measured 2.52 with the MLX engine on these 8 prompts
+FLOOR = {16: 2.6}  # measured 2.85 with the MLX engine on these 8 prompts
 MAX_NLL = 4.6  # nats per token on the held-out prompts (untrained: about 7.6)
 
 
