@@ -5,9 +5,19 @@ Shared by the MLX and PyTorch loaders, so it imports neither mlx nor torch.
 
 import json
 import struct
+import warnings
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Union
 
+# The diffusion view's tensors in each layer's self_attn (ORTHRUS.md section 1).
+DIFFUSION_PARAMS = (
+    "q_proj_diff",
+    "k_proj_diff",
+    "v_proj_diff",
+    "o_proj_diff",
+    "q_norm_diff",
+    "k_norm_diff",
+)
 HUB_FILES = ["*.json", "*.safetensors", "*.jinja", "*.txt", "tokenizer.model"]
 
 
@@ -80,3 +90,60 @@ def read_safetensors_header(path: Path) -> Dict[str, Any]:
         raise ValueError(f"Corrupt safetensors header in {path}: {e}") from e
     header.pop("__metadata__", None)
     return header
+
+
+def is_diffusion_tensor(name: str) -> bool:
+    return name.split(".")[-2] in DIFFUSION_PARAMS
+
+
+def check_orthrus_fields(args: Any) -> None:
+    """Warn once for a plain Qwen3 config; reject unusable block_size / mask_token_id."""
+    if not args.has_diffusion:
+        warnings.warn(
+            "config.json has no block_size/mask_token_id: this is a plain Qwen3 "
+            "checkpoint, running in AR mode without diffusion drafting.",
+            stacklevel=4,
+        )
+        return
+    if args.block_size < 2:
+        raise ValueError(f"block_size must be >= 2, got {args.block_size}")
+    if not 0 <= args.mask_token_id < args.vocab_size:
+        raise ValueError(
+            f"mask_token_id {args.mask_token_id} is outside the vocabulary [0, {args.vocab_size})"
+        )
+
+
+def tensor_shapes(files: List[Path]) -> Dict[str, List[int]]:
+    """Every tensor's shape across the shards, from the headers alone."""
+    shapes = {}
+    for f in files:
+        shapes.update({k: v["shape"] for k, v in read_safetensors_header(f).items()})
+    return {k: v for k, v in shapes.items() if "rotary_emb.inv_freq" not in k}
+
+
+def check_diffusion_config(args: Any, names: Iterable[str]) -> None:
+    if not args.has_diffusion and any(is_diffusion_tensor(k) for k in names):
+        raise ValueError(
+            "The checkpoint has diffusion tensors (*_proj_diff) but its config.json "
+            "lacks block_size and/or mask_token_id."
+        )
+
+
+def check_tensor_shapes(args: Any, expected: Dict[str, List[int]], given: Dict[str, List[int]]) -> None:
+    """Name every missing, unexpected or misshapen tensor before loading any data."""
+    given = dict(given)
+    if args.tie_word_embeddings:
+        given.pop("lm_head.weight", None)
+    if not args.has_diffusion:
+        expected = {k: v for k, v in expected.items() if not is_diffusion_tensor(k)}
+    missing = sorted(set(expected) - set(given))
+    extra = sorted(set(given) - set(expected))
+    if missing:
+        raise ValueError(f"Missing tensors in the checkpoint: {missing[:10]}")
+    if extra:
+        raise ValueError(f"Unexpected tensors in the checkpoint: {extra[:10]}")
+    for name, shape in given.items():
+        if list(shape) != list(expected[name]):
+            raise ValueError(
+                f"Tensor {name} has shape {tuple(shape)}, expected {tuple(expected[name])}"
+            )

@@ -1,6 +1,5 @@
 """Load an Orthrus (or plain Qwen3) checkpoint from a folder or a Hugging Face repo id."""
 
-import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, Union
 
@@ -11,13 +10,17 @@ from mlx_lm.utils import load_tokenizer
 
 from .checkpoint import (  # noqa: F401  (re-exported: the loader's public helpers)
     HUB_FILES,
+    check_diffusion_config,
+    check_orthrus_fields,
+    check_tensor_shapes,
+    tensor_shapes,
     eos_list,
     read_config,
     read_safetensors_header,
     resolve_model_path,
     weight_files,
 )
-from .model import DIFFUSION_PARAMS, Model, ModelArgs
+from .model import Model, ModelArgs
 
 # The small trained checkpoint the repo ships: the default of every command.
 DEFAULT_MODEL = Path(__file__).parent / "assets" / "orthrus-tiny"
@@ -26,50 +29,17 @@ DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 
 def check_tensors(args: ModelArgs, config: Dict[str, Any], files: List[Path]) -> None:
     """Name every missing, unexpected or misshapen tensor before loading any data."""
-    shapes = {}
-    for f in files:
-        shapes.update({k: v["shape"] for k, v in read_safetensors_header(f).items()})
-    has_diff_tensors = any(k.split(".")[-2] in DIFFUSION_PARAMS for k in shapes)
-    if has_diff_tensors and not args.has_diffusion:
-        raise ValueError(
-            "The checkpoint has diffusion tensors (*_proj_diff) but its config.json "
-            "lacks block_size and/or mask_token_id."
-        )
+    given = tensor_shapes(files)
+    check_diffusion_config(args, given)
     if "quantization" in config:
         return  # packed shapes: mlx-lm's strict load checks names and shapes
-    model = Model(args)
-    expected = {k: list(v.shape) for k, v in tree_flatten(model.parameters())}
-    given = {k: v for k, v in shapes.items() if "rotary_emb.inv_freq" not in k}
-    if args.tie_word_embeddings:
-        given.pop("lm_head.weight", None)
-    missing = sorted(set(expected) - set(given))
-    extra = sorted(set(given) - set(expected))
-    if missing:
-        raise ValueError(f"Missing tensors in the checkpoint: {missing[:10]}")
-    if extra:
-        raise ValueError(f"Unexpected tensors in the checkpoint: {extra[:10]}")
-    for name, shape in given.items():
-        if shape != expected[name]:
-            raise ValueError(
-                f"Tensor {name} has shape {tuple(shape)}, expected {tuple(expected[name])}"
-            )
+    expected = {k: list(v.shape) for k, v in tree_flatten(Model(args).parameters())}
+    check_tensor_shapes(args, expected, given)
 
 
 def model_args(config: Dict[str, Any]) -> ModelArgs:
     args = ModelArgs.from_dict(config)
-    if not args.has_diffusion:
-        warnings.warn(
-            "config.json has no block_size/mask_token_id: this is a plain Qwen3 "
-            "checkpoint, running in AR mode without diffusion drafting.",
-            stacklevel=3,
-        )
-        return args
-    if args.block_size < 2:
-        raise ValueError(f"block_size must be >= 2, got {args.block_size}")
-    if not 0 <= args.mask_token_id < args.vocab_size:
-        raise ValueError(
-            f"mask_token_id {args.mask_token_id} is outside the vocabulary [0, {args.vocab_size})"
-        )
+    check_orthrus_fields(args)
     return args
 
 

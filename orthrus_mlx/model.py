@@ -14,14 +14,8 @@ import mlx.nn as nn
 from mlx_lm.models import qwen3
 from mlx_lm.models.cache import KVCache
 
-DIFFUSION_PARAMS = (
-    "q_proj_diff",
-    "k_proj_diff",
-    "v_proj_diff",
-    "o_proj_diff",
-    "q_norm_diff",
-    "k_norm_diff",
-)
+from .checkpoint import DIFFUSION_PARAMS  # noqa: F401  (re-exported)
+
 
 
 @dataclass

@@ -4,6 +4,8 @@ Written from ORTHRUS.md alone, sharing no code with the package, so that the
 MLX and PyTorch models can be checked against it.
 """
 
+import math
+
 import numpy as np
 
 
@@ -103,3 +105,33 @@ class NaiveOrthrus:
             h = h + self.attend(layer, qs, keys, values, everything, "_diff")
             h = self.mlp_block(layer, h)
         return self.logits(h)
+
+
+def processed(logits, temperature, top_k, top_p):
+    """Temperature, top-k, top-p as plain numpy: the independent version."""
+    p = softmax(logits / temperature)
+    if top_k:
+        p = np.where(p >= np.sort(p)[-top_k], p, 0.0)
+        p /= p.sum()
+    if top_p < 1:
+        mass_above = np.array([p[p > x].sum() for x in p])
+        p = np.where(mass_above < top_p, p, 0.0)
+        p /= p.sum()
+    return p
+
+
+def chi_square_p(observed, expected: dict, draws: int) -> float:
+    """p-value of Pearson's chi-square, pooling cells expected below 5 (Wilson-Hilferty)."""
+    stat, cells, pool_obs, pool_exp = 0.0, 0, 0, 0.0
+    for cell, p in expected.items():
+        e = p * draws
+        if e < 5:
+            pool_obs, pool_exp = pool_obs + observed[cell], pool_exp + e
+        else:
+            stat, cells = stat + (observed[cell] - e) ** 2 / e, cells + 1
+    if pool_exp > 0:
+        stat, cells = stat + (pool_obs - pool_exp) ** 2 / max(pool_exp, 1e-9), cells + 1
+    k = cells - 1
+    assert k >= 3, "too few cells for a meaningful test"
+    z = ((stat / k) ** (1 / 3) - (1 - 2 / (9 * k))) / math.sqrt(2 / (9 * k))
+    return 0.5 * math.erfc(z / math.sqrt(2))

@@ -9,23 +9,10 @@ import pytest
 
 from orthrus_mlx import load_model, mlx_generate
 from orthrus_mlx.testing import random_weights, save_checkpoint, tiny_config
-from reference import NaiveOrthrus, softmax
+from reference import NaiveOrthrus, chi_square_p, processed, softmax
 
 PROMPT = [1, 2, 0]
 LENGTH = 4  # first token from the prefill, then a step drafting 2 tokens, maybe one more
-
-
-def processed(logits, temperature, top_k, top_p):
-    """Temperature, top-k, top-p as plain numpy: the independent version."""
-    p = softmax(logits / temperature)
-    if top_k:
-        p = np.where(p >= np.sort(p)[-top_k], p, 0.0)
-        p /= p.sum()
-    if top_p < 1:
-        mass_above = np.array([p[p > x].sum() for x in p])
-        p = np.where(mass_above < top_p, p, 0.0)
-        p /= p.sum()
-    return p
 
 
 def exact_distribution(naive, vocab, **processing):
@@ -36,23 +23,6 @@ def exact_distribution(naive, vocab, **processing):
         steps = logits[len(PROMPT) - 1 :]
         probs[seq] = math.prod(processed(steps[i], **processing)[seq[i]] for i in range(LENGTH))
     return probs
-
-
-def chi_square_p(observed: Counter, expected: dict, draws: int) -> float:
-    """p-value of Pearson's chi-square, pooling cells expected below 5 (Wilson-Hilferty)."""
-    stat, cells, pool_obs, pool_exp = 0.0, 0, 0, 0.0
-    for cell, p in expected.items():
-        e = p * draws
-        if e < 5:
-            pool_obs, pool_exp = pool_obs + observed[cell], pool_exp + e
-        else:
-            stat, cells = stat + (observed[cell] - e) ** 2 / e, cells + 1
-    if pool_exp > 0:
-        stat, cells = stat + (pool_obs - pool_exp) ** 2 / max(pool_exp, 1e-9), cells + 1
-    k = cells - 1
-    assert k >= 3, "too few cells for a meaningful test"
-    z = ((stat / k) ** (1 / 3) - (1 - 2 / (9 * k))) / math.sqrt(2 / (9 * k))
-    return 0.5 * math.erfc(z / math.sqrt(2))
 
 
 @pytest.fixture(scope="module")

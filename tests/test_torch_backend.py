@@ -23,7 +23,7 @@ from orthrus_mlx.testing import random_weights, save_checkpoint, tiny_config  # 
 from orthrus_mlx.torch_ref.backend import TorchBackend, apply_top_p, log_probs  # noqa: E402
 from orthrus_mlx.torch_ref.generate import torch_generate  # noqa: E402
 from orthrus_mlx.torch_ref.loader import load_model  # noqa: E402
-from reference import NaiveOrthrus, softmax  # noqa: E402
+from reference import NaiveOrthrus, chi_square_p, processed, softmax  # noqa: E402
 
 
 def self_drafting(weights):
@@ -256,36 +256,6 @@ def test_top_p_keeps_tokens_whose_mass_above_is_below_top_p():
 
 PROMPT = [1, 2, 0]
 LENGTH = 4  # the prefill's token, then a step drafting up to 3
-
-
-def processed(logits, temperature, top_k, top_p):
-    """Temperature, top-k, top-p as plain numpy: the independent version."""
-    p = softmax(logits / temperature)
-    if top_k:
-        p = np.where(p >= np.sort(p)[-top_k], p, 0.0)
-        p /= p.sum()
-    if top_p < 1:
-        mass_above = np.array([p[p > x].sum() for x in p])
-        p = np.where(mass_above < top_p, p, 0.0)
-        p /= p.sum()
-    return p
-
-
-def chi_square_p(observed, expected, draws):
-    """p-value of Pearson's chi-square, pooling cells expected below 5 (Wilson-Hilferty)."""
-    stat, cells, pool_obs, pool_exp = 0.0, 0, 0, 0.0
-    for cell, p in expected.items():
-        e = p * draws
-        if e < 5:
-            pool_obs, pool_exp = pool_obs + observed[cell], pool_exp + e
-        else:
-            stat, cells = stat + (observed[cell] - e) ** 2 / e, cells + 1
-    if pool_exp > 0:
-        stat, cells = stat + (pool_obs - pool_exp) ** 2 / max(pool_exp, 1e-9), cells + 1
-    k = cells - 1
-    assert k >= 3, "too few cells for a meaningful test"
-    z = ((stat / k) ** (1 / 3) - (1 - 2 / (9 * k))) / math.sqrt(2 / (9 * k))
-    return 0.5 * math.erfc(z / math.sqrt(2))
 
 
 @pytest.fixture(scope="module")

@@ -4,18 +4,24 @@ No `trust_remote_code` and no transformers model class: the tensors go by their 
 names into `Model`. Defaults: bfloat16 on CUDA, float32 on CPU.
 """
 
-import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 from safetensors import safe_open
 
-from ..checkpoint import read_config, read_safetensors_header, resolve_model_path, weight_files
+from ..checkpoint import (
+    check_diffusion_config,
+    check_orthrus_fields,
+    check_tensor_shapes,
+    read_config,
+    resolve_model_path,
+    tensor_shapes,
+    weight_files,
+)
 from .model import Model, ModelArgs
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-DIFFUSION_PARAMS = ("q_proj_diff", "k_proj_diff", "v_proj_diff", "o_proj_diff", "q_norm_diff", "k_norm_diff")
 
 
 def default_device() -> torch.device:
@@ -36,49 +42,15 @@ def model_args(config: Dict[str, Any]) -> ModelArgs:
             f"RoPE scaling {rope_type!r} is not implemented in the PyTorch backend (plain RoPE only)."
         )
     args = ModelArgs.from_dict(config)
-    if not args.has_diffusion:
-        warnings.warn(
-            "config.json has no block_size/mask_token_id: this is a plain Qwen3 "
-            "checkpoint, running in AR mode without diffusion drafting.",
-            stacklevel=3,
-        )
-        return args
-    if args.block_size < 2:
-        raise ValueError(f"block_size must be >= 2, got {args.block_size}")
-    if not 0 <= args.mask_token_id < args.vocab_size:
-        raise ValueError(
-            f"mask_token_id {args.mask_token_id} is outside the vocabulary [0, {args.vocab_size})"
-        )
+    check_orthrus_fields(args)
     return args
 
 
 def check_tensors(args: ModelArgs, expected: Dict[str, List[int]], files: List[Path]) -> None:
     """Name every missing, unexpected or misshapen tensor before loading any data."""
-    given = {}
-    for f in files:
-        given.update({k: v["shape"] for k, v in read_safetensors_header(f).items()})
-    given = {k: v for k, v in given.items() if "rotary_emb.inv_freq" not in k}
-    if args.tie_word_embeddings:
-        given.pop("lm_head.weight", None)
-    is_diff = lambda k: k.split(".")[-2] in DIFFUSION_PARAMS
-    if any(is_diff(k) for k in given) and not args.has_diffusion:
-        raise ValueError(
-            "The checkpoint has diffusion tensors (*_proj_diff) but its config.json "
-            "lacks block_size and/or mask_token_id."
-        )
-    if not args.has_diffusion:
-        expected = {k: v for k, v in expected.items() if not is_diff(k)}
-    missing = sorted(set(expected) - set(given))
-    extra = sorted(set(given) - set(expected))
-    if missing:
-        raise ValueError(f"Missing tensors in the checkpoint: {missing[:10]}")
-    if extra:
-        raise ValueError(f"Unexpected tensors in the checkpoint: {extra[:10]}")
-    for name, shape in given.items():
-        if list(shape) != expected[name]:
-            raise ValueError(
-                f"Tensor {name} has shape {tuple(shape)}, expected {tuple(expected[name])}"
-            )
+    given = tensor_shapes(files)
+    check_diffusion_config(args, given)
+    check_tensor_shapes(args, expected, given)
 
 
 def load_model(
