@@ -4,6 +4,7 @@ Written from ORTHRUS.md alone, sharing no code with the package, so that the
 MLX and PyTorch models can be checked against it.
 """
 
+import itertools
 import math
 
 import numpy as np
@@ -135,3 +136,13 @@ def chi_square_p(observed, expected: dict, draws: int) -> float:
     assert k >= 3, "too few cells for a meaningful test"
     z = ((stat / k) ** (1 / 3) - (1 - 2 / (9 * k))) / math.sqrt(2 / (9 * k))
     return 0.5 * math.erfc(z / math.sqrt(2))
+
+
+def exact_distribution(naive, prompt, length, vocab, **processing):
+    """P(continuation | prompt) for every continuation of `length` tokens, by enumeration."""
+    probs = {}
+    for seq in itertools.product(range(vocab), repeat=length):
+        logits, _ = naive.ar(np.array(list(prompt) + list(seq[:-1])))
+        steps = logits[len(prompt) - 1 :]
+        probs[seq] = math.prod(processed(steps[i], **processing)[seq[i]] for i in range(length))
+    return probs

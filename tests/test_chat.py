@@ -10,12 +10,11 @@ import subprocess
 import sys
 import termios
 import time
-from pathlib import Path
 
 import pytest
-from cli_helpers import SHIPPED, checkpoint, cli_env, expected_prefill, run_cli_many
+from cli_helpers import SHIPPED, cli_env, expected_prefill, run_cli_many
 
-from orthrus_mlx import generate, load, mlx_generate
+from orthrus_mlx import generate, mlx_generate
 from orthrus_mlx.__main__ import main
 from orthrus_mlx.chat import ChatSession
 from orthrus_mlx.cli_generate import chat_prompt
@@ -25,16 +24,6 @@ SYSTEM = "You are a helpful assistant."
 QUESTIONS = ["What is the capital of France?", "And of Italy?", "Which one is bigger?"]
 FOOTER = re.compile(r"\n(\[(\d+) new prompt tokens \((\d+) cached\)[^\n]*\])\n")
 STATS = re.compile(r"\[(\d+) turns, (\d+) tokens in the cache[^\n]*\]\n")
-
-
-@pytest.fixture(scope="module")
-def model_path(tmp_path_factory) -> Path:
-    return checkpoint(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def loaded(model_path):
-    return load(model_path)
 
 
 @pytest.fixture(scope="module")

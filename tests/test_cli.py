@@ -5,25 +5,15 @@ import sys
 from pathlib import Path
 
 import pytest
-from cli_helpers import SHIPPED, checkpoint, run_cli_many
+from cli_helpers import SHIPPED, run_cli_many
 
-from orthrus_mlx import generate, load
+from orthrus_mlx import generate
 from orthrus_mlx.__main__ import COMMANDS, main
 from orthrus_mlx.cli_generate import chat_prompt
 
 MAX_TOKENS = 12
 PROMPT = "Tell me about the sea."
 SAMPLING = ["--temp", "0.9", "--top-p", "0.95", "--top-k", "50", "--seed", "7"]
-
-
-@pytest.fixture(scope="module")
-def model_path(tmp_path_factory) -> Path:
-    return checkpoint(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def loaded(model_path):
-    return load(model_path)
 
 
 @pytest.fixture(scope="module")

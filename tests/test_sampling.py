@@ -1,7 +1,5 @@
 """Speculative sampling is exact: Orthrus samples follow the base model's distribution."""
 
-import itertools
-import math
 from collections import Counter
 
 import numpy as np
@@ -9,20 +7,10 @@ import pytest
 
 from orthrus_mlx import load_model, mlx_generate
 from orthrus_mlx.testing import random_weights, save_checkpoint, tiny_config
-from reference import NaiveOrthrus, chi_square_p, processed, softmax
+from reference import NaiveOrthrus, chi_square_p, exact_distribution, softmax
 
 PROMPT = [1, 2, 0]
 LENGTH = 4  # first token from the prefill, then a step drafting 2 tokens, maybe one more
-
-
-def exact_distribution(naive, vocab, **processing):
-    """P(x1..x4 | prompt) for every continuation, by enumeration through the naive AR model."""
-    probs = {}
-    for seq in itertools.product(range(vocab), repeat=LENGTH):
-        logits, _ = naive.ar(np.array(PROMPT + list(seq[:-1])))
-        steps = logits[len(PROMPT) - 1 :]
-        probs[seq] = math.prod(processed(steps[i], **processing)[seq[i]] for i in range(LENGTH))
-    return probs
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +37,7 @@ def tiny_vocab(tmp_path_factory):
 def test_orthrus_samples_follow_the_base_distribution(tiny_vocab, processing, draws, block_size, tmp_path, monkeypatch):
     monkeypatch.setenv("ORTHRUS_MLX_CACHE", str(tmp_path))
     model, naive, config = tiny_vocab
-    expected = exact_distribution(naive, config["vocab_size"], **processing)
+    expected = exact_distribution(naive, PROMPT, LENGTH, config["vocab_size"], **processing)
     observed = Counter()
     for seed in range(draws):
         out = tuple(mlx_generate(model, PROMPT, None, LENGTH, seed=seed, block_size=block_size, **processing))
@@ -63,7 +51,7 @@ def test_chi_square_rejects_the_diffusion_distribution(tiny_vocab):
     """Guards the test above: drafts emitted without verification must be caught."""
     model, naive, config = tiny_vocab
     processing = dict(temperature=1.0, top_k=0, top_p=1.0)
-    expected = exact_distribution(naive, config["vocab_size"], **processing)
+    expected = exact_distribution(naive, PROMPT, LENGTH, config["vocab_size"], **processing)
     rng = np.random.default_rng(0)
     observed = Counter()
     import mlx.core as mx

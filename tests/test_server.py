@@ -10,28 +10,17 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
-from cli_helpers import checkpoint, cli_env, common_prefix
+from cli_helpers import cli_env, common_prefix
 
-from orthrus_mlx import generate, load, mlx_generate
+from orthrus_mlx import generate, mlx_generate
 from orthrus_mlx.cli_generate import chat_prompt
 from orthrus_mlx.server import App, FifoLock, StopStrings
 
 MAX_TOKENS = 12
 MESSAGES = [{"role": "user", "content": "Name three colours."}]
 PROMPT = "Once upon a time"
-
-
-@pytest.fixture(scope="module")
-def model_path(tmp_path_factory) -> Path:
-    return checkpoint(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def loaded(model_path):
-    return load(model_path)
 
 
 @pytest.fixture(scope="module")

@@ -4,8 +4,6 @@ Both backends run the one decoding step of `orthrus_mlx.decode`; these tests loa
 random HF-layout checkpoint into both.
 """
 
-import itertools
-import math
 import subprocess
 import sys
 from collections import Counter
@@ -23,7 +21,7 @@ from orthrus_mlx.testing import random_weights, save_checkpoint, tiny_config  # 
 from orthrus_mlx.torch_ref.backend import TorchBackend, apply_top_p, log_probs  # noqa: E402
 from orthrus_mlx.torch_ref.generate import torch_generate  # noqa: E402
 from orthrus_mlx.torch_ref.loader import load_model  # noqa: E402
-from reference import NaiveOrthrus, chi_square_p, processed, softmax  # noqa: E402
+from reference import NaiveOrthrus, chi_square_p, exact_distribution, softmax  # noqa: E402
 
 
 def self_drafting(weights):
@@ -270,16 +268,6 @@ def tiny_vocab(tmp_path_factory):
     return load_model(path, device="cpu")[0], NaiveOrthrus(config, weights)
 
 
-def exact_distribution(naive, **processing):
-    """P(x1..x4 | prompt) for every continuation, by enumeration through the naive AR model."""
-    probs = {}
-    for seq in itertools.product(range(4), repeat=LENGTH):
-        logits, _ = naive.ar(np.array(PROMPT + list(seq[:-1])))
-        steps = logits[len(PROMPT) - 1 :]
-        probs[seq] = math.prod(processed(steps[i], **processing)[seq[i]] for i in range(LENGTH))
-    return probs
-
-
 @pytest.mark.parametrize(
     "processing",
     [dict(temperature=1.0, top_k=0, top_p=1.0), dict(temperature=1.3, top_k=3, top_p=0.8)],
@@ -287,7 +275,7 @@ def exact_distribution(naive, **processing):
 def test_orthrus_samples_follow_the_base_distribution(tiny_vocab, processing):
     model, naive = tiny_vocab
     draws = 1000
-    expected = exact_distribution(naive, **processing)
+    expected = exact_distribution(naive, PROMPT, LENGTH, 4, **processing)
     observed, stats = Counter(), DecodeStats()
     for seed in range(draws):
         observed[tuple(torch_generate(model, PROMPT, None, LENGTH, seed=seed, stats=stats, **processing))] += 1
@@ -298,7 +286,7 @@ def test_orthrus_samples_follow_the_base_distribution(tiny_vocab, processing):
 def test_chi_square_rejects_unverified_drafts(tiny_vocab):
     """Guards the test above: the diffusion view's own samples must be caught."""
     model, naive = tiny_vocab
-    expected = exact_distribution(naive, temperature=1.0, top_k=0, top_p=1.0)
+    expected = exact_distribution(naive, PROMPT, LENGTH, 4, temperature=1.0, top_k=0, top_p=1.0)
     rng, observed = np.random.default_rng(0), Counter()
     with torch.inference_mode():
         for _ in range(1000):
