@@ -4,6 +4,7 @@ The adaptive block policy needs to know what a step of L tokens costs here:
 on Apple Silicon a 32-token pass of a quantized model can cost several
 one-token passes, on other hardware almost nothing more. We time the real
 backend step (draft + verify + the host sync + trim) once and keep the curve.
+Backend-agnostic: each backend names its own cache key.
 """
 
 import hashlib
@@ -12,12 +13,9 @@ import os
 import platform
 import time
 from pathlib import Path
-from typing import List
+from typing import Callable, List
 
-import mlx.core as mx
-import mlx.nn as nn
-
-from .decode import SamplingParams
+from .decode import Backend, SamplingParams
 
 CALIBRATION_LENGTHS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 CONTEXT = 64
@@ -29,29 +27,16 @@ def cache_file() -> Path:
     return Path(root) / "step_costs.json"
 
 
-def model_key(model) -> str:
-    """Machine, MLX version, device, architecture, dtype and quantization of a model."""
-    layer = model.layers[0].self_attn
-    quant = [
-        (name, m.bits, m.group_size)
-        for name, m in model.named_modules()
-        if isinstance(m, nn.QuantizedLinear) and name.startswith("model.layers.0.")
-    ]
-    parts = [
-        platform.machine(), platform.processor(), platform.system(), mx.__version__,
-        str(mx.default_device()), repr(model.args), str(layer.q_proj.weight.dtype),
-        repr(sorted(quant)),
-    ]
-    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+def machine_key(*parts: str) -> str:
+    """A short hash of this machine plus whatever identifies the backend and model."""
+    everything = [platform.machine(), platform.processor(), platform.system(), *parts]
+    return hashlib.sha256("|".join(everything).encode()).hexdigest()[:16]
 
 
-def measure_step_seconds(model, max_size: int) -> List[float]:
+def measure_step_seconds(backend: Backend, max_size: int) -> List[float]:
     """Seconds per step for L = 1..max_size (index 0 unused), interpolated between measured L."""
-    from .generate import MLXBackend  # the real step, not a model of it
-
-    backend = MLXBackend(model, model.make_cache())
-    backend.prefill([1] * CONTEXT, SamplingParams())
     greedy = SamplingParams()
+    backend.prefill([1] * CONTEXT, greedy)
     lengths = sorted({L for L in CALIBRATION_LENGTHS if L <= max_size} | {max_size})
     measured = {}
     for L in lengths:
@@ -72,9 +57,9 @@ def measure_step_seconds(model, max_size: int) -> List[float]:
     return costs
 
 
-def step_seconds(model, max_size: int) -> List[float]:
-    """The cached cost curve for this machine and model, measured on first use."""
-    path, key = cache_file(), model_key(model)
+def step_seconds(key: str, make_backend: Callable[[], Backend], max_size: int) -> List[float]:
+    """The cached cost curve under `key`, measured on a fresh backend on first use."""
+    path = cache_file()
     table = {}
     if path.is_file():
         try:
@@ -83,7 +68,7 @@ def step_seconds(model, max_size: int) -> List[float]:
             table = {}
     costs = table.get(key)
     if costs is None or len(costs) < max_size + 1:
-        costs = measure_step_seconds(model, max_size)
+        costs = measure_step_seconds(make_backend(), max_size)
         table[key] = costs
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")

@@ -5,9 +5,11 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, List, Optional, Sequence, Union
 
 import mlx.core as mx
+import mlx.nn as nn
 from mlx_lm.generate import GenerationResponse as MLXGenerationResponse
 from mlx_lm.sample_utils import apply_top_k, apply_top_p
 
+from .costs import machine_key, step_seconds
 from .decode import AdaptiveBlock, DecodeStats, SamplingParams, Scores, decode, eos_set
 from .model import Model
 
@@ -99,6 +101,27 @@ class MLXBackend:
         return self.cache[0].offset
 
 
+def model_key(model: Model) -> str:
+    """MLX version, device, architecture, dtype and quantization of a model, on this machine."""
+    quant = [
+        (name, m.bits, m.group_size)
+        for name, m in model.named_modules()
+        if isinstance(m, nn.QuantizedLinear) and name.startswith("model.layers.0.")
+    ]
+    layer = model.layers[0].self_attn
+    return machine_key(
+        "mlx", mx.__version__, str(mx.default_device()), repr(model.args),
+        str(layer.q_proj.weight.dtype), repr(sorted(quant)),
+    )
+
+
+def adaptive_block(model: Model) -> AdaptiveBlock:
+    """The adaptive policy over this machine's measured step costs for `model`."""
+    K = model.block_size
+    costs = step_seconds(model_key(model), lambda: MLXBackend(model, model.make_cache()), K)
+    return AdaptiveBlock(K, costs)
+
+
 def as_token_list(tokens: Union[Sequence[int], mx.array, Any]) -> List[int]:
     if hasattr(tokens, "tolist"):
         tokens = tokens.tolist()
@@ -137,9 +160,7 @@ def mlx_generate(
     elif block_size is None:
         block_size = model.block_size
     elif block_size == "auto":
-        from .costs import step_seconds
-
-        block_size = AdaptiveBlock(model.block_size, step_seconds(model, model.block_size))
+        block_size = adaptive_block(model)
     elif not isinstance(block_size, int):
         raise ValueError(f"block_size must be an int or 'auto', got {block_size!r}")
     cache = prompt_cache if prompt_cache is not None else model.make_cache()

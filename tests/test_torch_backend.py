@@ -196,6 +196,17 @@ def test_greedy_equals_ar_and_mlx(small_vocab, block_size):
     assert accepted_drafts > 0, "no draft was ever accepted: the acceptance path went untested"
 
 
+def test_adaptive_block_size_is_exact(small_vocab, tmp_path, monkeypatch):
+    monkeypatch.setenv("ORTHRUS_MLX_CACHE", str(tmp_path))
+    model, _ = small_vocab
+    for prompt in ([3, 1, 4, 1, 5], [9, 2, 6]):
+        got = list(torch_generate(model, prompt, None, 40, block_size="auto"))
+        assert got == list(torch_generate(model, prompt, None, 40, use_diffusion=False))
+    assert (tmp_path / "step_costs.json").is_file()
+    with pytest.raises(ValueError, match="block_size must be an int or 'auto'"):
+        next(torch_generate(model, [1], None, 4, block_size="fast"))
+
+
 # 3. The one shared step runs both backends.
 
 

@@ -4,7 +4,8 @@ from typing import Any, Iterable, Iterator, List, Optional, Sequence, Union
 
 import torch
 
-from ..decode import DecodeStats, SamplingParams, decode, eos_set
+from ..costs import CONTEXT, machine_key, step_seconds
+from ..decode import AdaptiveBlock, DecodeStats, SamplingParams, decode, eos_set
 from .backend import TorchBackend
 from .cache import KVCache
 from .model import Model
@@ -29,6 +30,16 @@ def cache_capacity(model: Model, needed: int, compile: bool = False) -> int:
     return min(rounded, model.args.max_position_embeddings)
 
 
+def adaptive_block(model: Model) -> AdaptiveBlock:
+    """The adaptive policy over this machine's measured step costs for `model` on its device."""
+    K = model.block_size
+    weight = model.model.embed_tokens.weight
+    device = torch.cuda.get_device_name(weight.device) if weight.is_cuda else "cpu"
+    key = machine_key("torch", torch.__version__, device, repr(model.args), str(weight.dtype))
+    make = lambda: TorchBackend(model, model.make_cache(cache_capacity(model, CONTEXT + K)), None)
+    return AdaptiveBlock(K, step_seconds(key, make, K))
+
+
 def torch_generate(
     model: Model,
     prompt_tokens: Union[Sequence[int], torch.Tensor],
@@ -40,7 +51,7 @@ def torch_generate(
     seed: Optional[int] = None,
     use_diffusion: bool = True,
     *,
-    block_size: Optional[int] = None,
+    block_size: Union[int, str, None] = None,
     prompt_cache: Optional[KVCache] = None,
     stats: Optional[DecodeStats] = None,
     compile: bool = False,
@@ -58,11 +69,16 @@ def torch_generate(
         block_size = 1
     elif block_size is None:
         block_size = model.block_size
+    elif block_size == "auto":
+        block_size = adaptive_block(model)
+    elif not isinstance(block_size, int):
+        raise ValueError(f"block_size must be an int or 'auto', got {block_size!r}")
     prompt = as_token_list(prompt_tokens)
     cache = prompt_cache
     if cache is None:
         cache = model.make_cache(cache_capacity(model, len(prompt) + max_tokens, compile))
-    backend = TorchBackend(model, cache, seed, compile=compile, block_size=block_size)
+    longest = block_size if isinstance(block_size, int) else block_size.max_size
+    backend = TorchBackend(model, cache, seed, compile=compile, block_size=longest)
     eos = eos_set(eos_token_id) | eos_set(model.args.eos_token_id)
     yield from decode(
         backend,
