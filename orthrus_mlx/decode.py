@@ -8,7 +8,7 @@ backend runs the model passes and hands back, per step, a few short host lists
 import random
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator, List, Optional, Protocol, Sequence, Union
+from typing import Any, Callable, Iterable, Iterator, List, Optional, Protocol, Sequence, Union
 
 
 @dataclass(frozen=True)
@@ -202,6 +202,34 @@ class AdaptiveBlock:
                 self.min_probe_interval if paid else min(2 * self.probe_interval, self.max_probe_interval)
             )
         self.since_probe = 0
+
+
+def as_token_list(tokens: Any) -> List[int]:
+    """Token ids from a list, a framework array, or a batch of one."""
+    if hasattr(tokens, "tolist"):
+        tokens = tokens.tolist()
+    tokens = list(tokens)
+    if len(tokens) == 1 and isinstance(tokens[0], (list, tuple)):
+        tokens = list(tokens[0])
+    return [int(t) for t in tokens]
+
+
+def block_policy(
+    block_size: Union[int, str, None],
+    use_diffusion: bool,
+    model_block_size: Optional[int],
+    adaptive: Callable[[], "AdaptiveBlock"],
+) -> Union[int, "AdaptiveBlock"]:
+    """What `decode` gets for the user's block_size: 1 (AR), the checkpoint's K, an int, or "auto"."""
+    if not use_diffusion or model_block_size is None:
+        return 1
+    if block_size is None:
+        return model_block_size
+    if block_size == "auto":
+        return adaptive()
+    if not isinstance(block_size, int):
+        raise ValueError(f"block_size must be an int or 'auto', got {block_size!r}")
+    return block_size
 
 
 def decode(

@@ -10,7 +10,16 @@ from mlx_lm.generate import GenerationResponse as MLXGenerationResponse
 from mlx_lm.sample_utils import apply_top_k, apply_top_p
 
 from .costs import machine_key, step_seconds
-from .decode import AdaptiveBlock, DecodeStats, SamplingParams, Scores, decode, eos_set
+from .decode import (
+    AdaptiveBlock,
+    DecodeStats,
+    SamplingParams,
+    Scores,
+    as_token_list,
+    block_policy,
+    decode,
+    eos_set,
+)
 from .model import Model
 
 PREFILL_STEP_SIZE = 2048
@@ -122,15 +131,6 @@ def adaptive_block(model: Model) -> AdaptiveBlock:
     return AdaptiveBlock(K, costs)
 
 
-def as_token_list(tokens: Union[Sequence[int], mx.array, Any]) -> List[int]:
-    if hasattr(tokens, "tolist"):
-        tokens = tokens.tolist()
-    tokens = list(tokens)
-    if len(tokens) == 1 and isinstance(tokens[0], (list, tuple)):
-        tokens = list(tokens[0])  # a batch of one
-    return [int(t) for t in tokens]
-
-
 def mlx_generate(
     model: Model,
     prompt_tokens: Union[Sequence[int], mx.array],
@@ -155,14 +155,9 @@ def mlx_generate(
     earlier tokens; then `prompt_tokens` are only the new ones, as in mlx-lm.
     """
     params = SamplingParams(temperature, top_p, top_k, seed)
-    if not use_diffusion or not model.has_diffusion:
-        block_size = 1
-    elif block_size is None:
-        block_size = model.block_size
-    elif block_size == "auto":
-        block_size = adaptive_block(model)
-    elif not isinstance(block_size, int):
-        raise ValueError(f"block_size must be an int or 'auto', got {block_size!r}")
+    block_size = block_policy(
+        block_size, use_diffusion and model.has_diffusion, model.block_size, lambda: adaptive_block(model)
+    )
     cache = prompt_cache if prompt_cache is not None else model.make_cache()
     backend = MLXBackend(model, cache, seed)
     eos = eos_set(eos_token_id) | eos_set(model.args.eos_token_id)

@@ -1,25 +1,16 @@
 """Token generation with the PyTorch backend: the same options and output as `mlx_generate`."""
 
-from typing import Any, Iterable, Iterator, List, Optional, Sequence, Union
+from typing import Iterable, Iterator, Optional, Sequence, Union
 
 import torch
 
 from ..costs import CONTEXT, machine_key, step_seconds
-from ..decode import AdaptiveBlock, DecodeStats, SamplingParams, decode, eos_set
+from ..decode import AdaptiveBlock, DecodeStats, SamplingParams, as_token_list, block_policy, decode, eos_set
 from .backend import TorchBackend
 from .cache import KVCache
 from .model import Model
 
 CACHE_ROUNDING = 64  # whole multiples keep the attention shapes aligned on GPUs
-
-
-def as_token_list(tokens: Union[Sequence[int], torch.Tensor, Any]) -> List[int]:
-    if hasattr(tokens, "tolist"):
-        tokens = tokens.tolist()
-    tokens = list(tokens)
-    if len(tokens) == 1 and isinstance(tokens[0], (list, tuple)):
-        tokens = list(tokens[0])  # a batch of one
-    return [int(t) for t in tokens]
 
 
 def cache_capacity(model: Model, needed: int, compile: bool = False) -> int:
@@ -65,14 +56,9 @@ def torch_generate(
     `prompt_cache` (`cache.reset()`) across generations.
     """
     params = SamplingParams(temperature, top_p, top_k, seed)
-    if not use_diffusion or not model.has_diffusion:
-        block_size = 1
-    elif block_size is None:
-        block_size = model.block_size
-    elif block_size == "auto":
-        block_size = adaptive_block(model)
-    elif not isinstance(block_size, int):
-        raise ValueError(f"block_size must be an int or 'auto', got {block_size!r}")
+    block_size = block_policy(
+        block_size, use_diffusion and model.has_diffusion, model.block_size, lambda: adaptive_block(model)
+    )
     prompt = as_token_list(prompt_tokens)
     cache = prompt_cache
     if cache is None:
