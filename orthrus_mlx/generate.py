@@ -21,6 +21,7 @@ from .decode import (
     eos_set,
 )
 from .model import Model
+from .passes import CompiledPasses, compiled_passes
 
 PREFILL_STEP_SIZE = 2048
 
@@ -42,6 +43,7 @@ class MLXBackend:
     def __init__(self, model: Model, cache: List[Any], seed: Optional[int] = None):
         self.model = model
         self.cache = cache
+        self.passes = compiled_passes(model)
         self.vocab_size = model.args.vocab_size
         self.max_positions = model.args.max_position_embeddings
         self.key = mx.random.key(seed) if seed is not None else None
@@ -69,16 +71,17 @@ class MLXBackend:
 
     def draft(self, token: int, length: int, params: SamplingParams):
         block = mx.array([[token] + [self.model.mask_token_id] * (length - 1)])
-        logits = self.model.draft(block, self.cache)[0, :-1]
-        if params.greedy:
-            return self.sample(logits, params), None
-        q = log_probs(logits, params)
-        return mx.random.categorical(q, key=self.next_key()).astype(mx.int32), q
+        logits = self.passes(block, self.cache, "draft")[0, :-1]
+        q = None if params.greedy else log_probs(logits, params)
+        d = self.sample(logits, params) if q is None else mx.random.categorical(q, key=self.next_key()).astype(mx.int32)
+        # The draft computes while the verify pass's graph is being built.
+        mx.async_eval(d, q) if q is not None else mx.async_eval(d)
+        return d, q
 
     def verify(self, token: int, drafted, params: SamplingParams) -> Scores:
         d, q = drafted if drafted is not None else (mx.zeros((0,), mx.int32), None)
         block = mx.concatenate([mx.array([token], dtype=mx.int32), d])
-        logits = self.model(block[None], cache=self.cache)[0]
+        logits = self.passes(block[None], self.cache, "verify")[0]
         if params.greedy:
             target = self.sample(logits, params)
             mx.eval(d, target)
@@ -119,7 +122,7 @@ def model_key(model: Model) -> str:
     ]
     layer = model.layers[0].self_attn
     return machine_key(
-        "mlx", mx.__version__, str(mx.default_device()), repr(model.args),
+        "mlx", mx.__version__, str(mx.default_device()), CompiledPasses.__qualname__, repr(model.args),
         str(layer.q_proj.weight.dtype), repr(sorted(quant)),
     )
 
