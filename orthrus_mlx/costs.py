@@ -2,9 +2,12 @@
 
 The adaptive block policy needs to know what a step of L tokens costs here:
 on Apple Silicon a 32-token pass of a quantized model can cost several
-one-token passes, on other hardware almost nothing more. We time the real
-backend step (draft + verify + the host sync + trim) once and keep the curve.
-Backend-agnostic: each backend names its own cache key.
+one-token passes, on other hardware almost nothing more. Attention over the
+cache adds a part that grows with the context (on a CPU, for a small model,
+it dominates long blocks). We time the real backend step (draft + verify +
+the host sync + trim) at two context lengths, once, and keep a line per block
+length: seconds = base[L] + per_position[L] * context. Backend-agnostic: each
+backend names its own cache key.
 """
 
 import hashlib
@@ -13,12 +16,13 @@ import os
 import platform
 import time
 from pathlib import Path
-from typing import Callable, List
+from typing import Callable, List, Tuple
 
 from .decode import Backend, SamplingParams
 
 CALIBRATION_LENGTHS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
-CONTEXT = 64
+CONTEXTS = (64, 512)
+CONTEXT = max(CONTEXTS)  # the cache a calibration backend must hold, besides one block
 REPEATS = 5
 
 
@@ -33,10 +37,11 @@ def machine_key(*parts: str) -> str:
     return hashlib.sha256("|".join(everything).encode()).hexdigest()[:16]
 
 
-def measure_step_seconds(backend: Backend, max_size: int) -> List[float]:
-    """Seconds per step for L = 1..max_size (index 0 unused), interpolated between measured L."""
+def measure_step_seconds(backend: Backend, max_size: int, context: int) -> List[float]:
+    """Seconds per step for L = 1..max_size (index 0 unused) after `context` cached
+    positions, interpolated between measured L. The backend's cache must be empty."""
     greedy = SamplingParams()
-    backend.prefill([1] * CONTEXT, greedy)
+    backend.prefill([1] * context, greedy)
     lengths = sorted({L for L in CALIBRATION_LENGTHS if L <= max_size} | {max_size})
     measured = {}
     for L in lengths:
@@ -57,8 +62,20 @@ def measure_step_seconds(backend: Backend, max_size: int) -> List[float]:
     return costs
 
 
-def step_seconds(key: str, make_backend: Callable[[], Backend], max_size: int) -> List[float]:
-    """The cached cost curve under `key`, measured on a fresh backend on first use."""
+def measure_cost_lines(make_backend: Callable[[], Backend], max_size: int) -> Tuple[List[float], List[float]]:
+    """(base, per_position): a step of length L after S cached positions costs base[L] + per_position[L] * S."""
+    backends = [make_backend(), make_backend()]
+    room = backends[0].max_positions - max_size - 1  # a small model's context may be short
+    s1 = min(CONTEXTS[1], room)
+    s0 = min(CONTEXTS[0], s1 // 2)
+    near, far = (measure_step_seconds(b, max_size, s) for b, s in zip(backends, (s0, s1)))
+    per_position = [max(0.0, (b - a) / (s1 - s0)) for a, b in zip(near, far)]
+    base = [a - slope * s0 for a, slope in zip(near, per_position)]
+    return base, per_position
+
+
+def step_seconds(key: str, make_backend: Callable[[], Backend], max_size: int) -> Tuple[List[float], List[float]]:
+    """The cached (base, per_position) cost lines under `key`, measured on first use."""
     path = cache_file()
     table = {}
     if path.is_file():
@@ -66,12 +83,12 @@ def step_seconds(key: str, make_backend: Callable[[], Backend], max_size: int) -
             table = json.loads(path.read_text())
         except json.JSONDecodeError:
             table = {}
-    costs = table.get(key)
-    if costs is None or len(costs) < max_size + 1:
-        costs = measure_step_seconds(make_backend(), max_size)
-        table[key] = costs
+    entry = table.get(key)
+    if not isinstance(entry, dict) or len(entry.get("base", [])) < max_size + 1:
+        base, per_position = measure_cost_lines(make_backend, max_size)
+        entry = table[key] = {"base": base, "per_position": per_position}
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(json.dumps(table))
         tmp.replace(path)
-    return costs
+    return entry["base"], entry["per_position"]

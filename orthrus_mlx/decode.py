@@ -139,7 +139,7 @@ class FixedBlock:
             raise ValueError(f"block_size must be >= 1, got {size}")
         self.size = size
 
-    def length(self, remaining: int) -> int:
+    def length(self, remaining: int, context: int = 0) -> int:
         return min(self.size, remaining)
 
     def update(self, length: int, emitted: int) -> None:
@@ -150,42 +150,63 @@ class AdaptiveBlock:
     """Picks each step's block length to maximise expected tokens per second.
 
     `step_seconds[L]` is the measured cost of one step of length L (index 0
-    unused; L = 1 is a plain AR step). Acceptance is tracked per draft index as
-    a decayed rate of "accepted, given every earlier draft was". When no length
-    beats plain AR the policy decodes AR and probes with a short block now and
-    then, backing off while drafting keeps not paying.
+    unused; L = 1 is a plain AR step) on an empty cache, `per_position[L]` what
+    each cached position adds to it (attention). Acceptance is tracked per draft index as
+    a decayed rate of "accepted, given every earlier draft was"; an index with
+    few observations leans on the index before it (a prior whose weight decays
+    as observations come in), so depths never tried yet are expected to do as
+    well as the deepest tried. When no length beats plain AR the policy decodes
+    AR and probes with a short block now and then, backing off while drafting
+    keeps not paying. A probe accepted in full
+    is followed at once by one twice as long, so that a stretch of text the
+    drafter predicts well (repetition, boilerplate) is found within a few steps.
     """
 
-    def __init__(self, max_size: int, step_seconds: Sequence[float], decay: float = 0.95,
+    def __init__(self, max_size: int, step_seconds: Sequence[float],
+                 per_position: Optional[Sequence[float]] = None, decay: float = 0.95,
                  probe_length: int = 2, min_probe_interval: int = 16, max_probe_interval: int = 128):
-        if len(step_seconds) < max_size + 1:
+        per_position = per_position if per_position is not None else [0.0] * len(step_seconds)
+        if min(len(step_seconds), len(per_position)) < max_size + 1:
             raise ValueError(f"need step costs for lengths 1..{max_size}")
         self.max_size = max_size
-        self.cost = list(step_seconds)
+        self.base_cost = list(step_seconds)
+        self.per_position = list(per_position)
+        self.context = 0
         self.decay = decay
         self.probe_length = min(probe_length, max_size)
         self.min_probe_interval = min_probe_interval
         self.max_probe_interval = max_probe_interval
-        # Optimistic prior (half of drafts accepted) that the first steps replace.
-        self.accepted = [0.5] * max_size
-        self.tried = [1.0] * max_size
+        self.first_prior = 0.5  # before any observation: half of the drafts accepted
+        self.accepted = [0.0] * max_size
+        self.tried = [0.0] * max_size
+        self.prior_weight = [1.0] * max_size
         self.probe_interval = self.since_probe = min_probe_interval  # the first step probes
+        self.next_probe = self.probe_length
 
-    def expected_tokens(self, length: int) -> float:
-        total, reach = 1.0, 1.0
-        for i in range(length - 1):
-            reach *= self.accepted[i] / self.tried[i]
+    def expected_tokens(self, limit: int) -> List[float]:
+        """Expected tokens emitted by a step of each length 1..limit (index 0 unused)."""
+        expected, total, reach, rate = [0.0, 1.0], 1.0, 1.0, self.first_prior
+        for i in range(limit - 1):
+            w = self.prior_weight[i]
+            rate = (self.accepted[i] + w * rate) / (self.tried[i] + w)
+            reach *= rate
             total += reach
-        return total
+            expected.append(total)
+        return expected
+
+    def cost(self, length: int) -> float:
+        return self.base_cost[length] + self.per_position[length] * self.context
 
     def best(self, limit: int) -> int:
-        return max(range(1, limit + 1), key=lambda n: self.expected_tokens(n) / self.cost[n])
+        expected = self.expected_tokens(limit)
+        return max(range(1, limit + 1), key=lambda n: expected[n] / self.cost(n))
 
-    def length(self, remaining: int) -> int:
+    def length(self, remaining: int, context: int = 0) -> int:
+        self.context = context
         limit = min(self.max_size, remaining)
         choice = self.best(limit)
-        if choice == 1 and limit > 1 and self.since_probe >= self.probe_interval:
-            return min(self.probe_length, limit)
+        if limit > 1 and self.since_probe >= self.probe_interval:
+            return max(choice, min(self.next_probe, limit))
         return choice
 
     def update(self, length: int, emitted: int) -> None:
@@ -195,12 +216,17 @@ class AdaptiveBlock:
         accepted = emitted - 1
         for i in range(min(accepted + 1, length - 1)):
             self.tried[i] = self.tried[i] * self.decay + 1
+            self.prior_weight[i] *= self.decay
             self.accepted[i] = self.accepted[i] * self.decay + (i < accepted)
         if self.since_probe >= self.probe_interval:  # this step was a probe
+            if emitted == length and length < self.max_size:
+                self.next_probe = min(2 * length, self.max_size)
+                return  # all accepted: probe again, longer, at once
             paid = self.best(self.max_size) > 1
             self.probe_interval = (
                 self.min_probe_interval if paid else min(2 * self.probe_interval, self.max_probe_interval)
             )
+        self.next_probe = self.probe_length
         self.since_probe = 0
 
 
@@ -212,6 +238,15 @@ def as_token_list(tokens: Any) -> List[int]:
     if len(tokens) == 1 and isinstance(tokens[0], (list, tuple)):
         tokens = list(tokens[0])
     return [int(t) for t in tokens]
+
+
+def per_model(model: Any, name: str, make: Callable[[], Any]) -> Any:
+    """A value built once per model object and kept on it (compiled passes, the adaptive policy)."""
+    value = getattr(model, name, None)
+    if value is None:
+        value = make()
+        object.__setattr__(model, name, value)
+    return value
 
 
 def block_policy(
@@ -261,7 +296,7 @@ def decode(
     yield token
     emitted = 1
     while token not in eos and emitted < max_tokens:
-        length = policy.length(max_tokens - emitted)
+        length = policy.length(max_tokens - emitted, backend.cache_length())
         drafted = backend.draft(token, length, params) if length > 1 else None
         scores = backend.verify(token, drafted, params)
         new = accept(scores, params, rng)

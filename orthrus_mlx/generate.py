@@ -19,6 +19,7 @@ from .decode import (
     block_policy,
     decode,
     eos_set,
+    per_model,
 )
 from .model import Model
 from .passes import CompiledPasses, compiled_passes
@@ -128,10 +129,17 @@ def model_key(model: Model) -> str:
 
 
 def adaptive_block(model: Model) -> AdaptiveBlock:
-    """The adaptive policy over this machine's measured step costs for `model`."""
-    K = model.block_size
-    costs = step_seconds(model_key(model), lambda: MLXBackend(model, model.make_cache()), K)
-    return AdaptiveBlock(K, costs)
+    """The adaptive policy over this machine's measured step costs for `model`.
+
+    One per model object: its acceptance statistics carry over from one
+    generation to the next, so a new prompt does not relearn them.
+    """
+
+    def make():
+        costs = step_seconds(model_key(model), lambda: MLXBackend(model, model.make_cache()), model.block_size)
+        return AdaptiveBlock(model.block_size, *costs)
+
+    return per_model(model, "_adaptive_block", make)
 
 
 def mlx_generate(

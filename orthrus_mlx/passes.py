@@ -18,6 +18,7 @@ from typing import Any, Callable, List, Optional
 import mlx.core as mx
 import mlx.nn as nn
 
+from .decode import per_model
 from .model import Model
 
 
@@ -124,8 +125,4 @@ class CompiledPasses:
 
 def compiled_passes(model: Model) -> CompiledPasses:
     """The model's compiled passes, built once per model object (traces are reused)."""
-    passes = getattr(model, "_compiled_passes", None)
-    if passes is None:
-        passes = CompiledPasses(model)
-        object.__setattr__(model, "_compiled_passes", passes)
-    return passes
+    return per_model(model, "_compiled_passes", lambda: CompiledPasses(model))

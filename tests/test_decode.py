@@ -8,6 +8,7 @@ from mlx_lm.models import qwen3
 
 from orthrus_mlx import DecodeStats, load_model, mlx_generate
 from orthrus_mlx.decode import AdaptiveBlock, SamplingParams, Scores, accept, decode
+from orthrus_mlx.generate import adaptive_block
 from orthrus_mlx.testing import random_weights, save_checkpoint, tiny_config
 
 
@@ -209,6 +210,41 @@ def test_adaptive_block_stays_ar_when_every_extra_token_costs_a_full_pass():
     policy = AdaptiveBlock(8, [0.0] + [float(n) for n in range(1, 9)])
     chosen = run_policy(policy, acceptance=0.9, steps=100)
     assert sum(length > 1 for length in chosen[20:]) <= 3
+
+
+def test_adaptive_block_finds_a_predictable_stretch_within_a_few_steps():
+    """After a long run of useless drafts, text the drafter gets right is drafted long at once."""
+    cost = [0.0] + [1.0 + 0.1 * n for n in range(1, 17)]
+    policy = AdaptiveBlock(16, cost)
+    run_policy(policy, acceptance=0.0, steps=300)
+    chosen = run_policy(policy, acceptance=1.0, steps=policy.max_probe_interval + 8)
+    first_probe = next(n for n, length in enumerate(chosen) if length > 1)
+    # Each fully accepted probe doubles the next one: 2, 4, 8, 16.
+    assert chosen[first_probe : first_probe + 4] == [2, 4, 8, 16]
+    assert min(chosen[first_probe + 4 :]) >= 8
+
+
+def test_adaptive_block_shortens_blocks_as_attention_over_the_context_grows():
+    base = [0.0] + [1.0 + 0.01 * n for n in range(1, 17)]
+    per_position = [0.0] + [0.001 * (n - 1) for n in range(1, 17)]  # attention cost ~ L x context
+    policy = AdaptiveBlock(16, base, per_position)
+    run_policy(policy, acceptance=0.8, steps=300)
+    assert policy.length(1000, context=0) >= 12
+    assert policy.length(1000, context=500) < 8
+    assert policy.length(1000, context=50000) == 1
+
+
+def test_adaptive_policy_is_kept_per_model(small_vocab_checkpoint, tmp_path, monkeypatch):
+    monkeypatch.setenv("ORTHRUS_MLX_CACHE", str(tmp_path))
+    path, _ = small_vocab_checkpoint
+    model, _ = load_model(path)
+    policy = adaptive_block(model)
+    before = (list(policy.tried), policy.since_probe)
+    list(mlx_generate(model, [7] * 12, None, 30, block_size="auto"))
+    assert adaptive_block(model) is policy
+    assert (list(policy.tried), policy.since_probe) != before, "the generation used another policy"
+    other, _ = load_model(path)
+    assert adaptive_block(other) is not policy
 
 
 def test_adaptive_mode_is_exact_and_drafts(small_vocab_checkpoint, tmp_path, monkeypatch):

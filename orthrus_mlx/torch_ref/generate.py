@@ -5,7 +5,7 @@ from typing import Iterable, Iterator, Optional, Sequence, Union
 import torch
 
 from ..costs import CONTEXT, machine_key, step_seconds
-from ..decode import AdaptiveBlock, DecodeStats, SamplingParams, as_token_list, block_policy, decode, eos_set
+from ..decode import AdaptiveBlock, DecodeStats, SamplingParams, as_token_list, block_policy, decode, eos_set, per_model
 from .backend import TorchBackend
 from .cache import KVCache
 from .model import Model
@@ -22,13 +22,14 @@ def cache_capacity(model: Model, needed: int, compile: bool = False) -> int:
 
 
 def adaptive_block(model: Model) -> AdaptiveBlock:
-    """The adaptive policy over this machine's measured step costs for `model` on its device."""
+    """The adaptive policy over this machine's measured step costs for `model` on its device,
+    one per model object (acceptance statistics carry over between generations)."""
     K = model.block_size
     weight = model.model.embed_tokens.weight
     device = torch.cuda.get_device_name(weight.device) if weight.is_cuda else "cpu"
     key = machine_key("torch", torch.__version__, device, repr(model.args), str(weight.dtype))
     make = lambda: TorchBackend(model, model.make_cache(cache_capacity(model, CONTEXT + K)), None)
-    return AdaptiveBlock(K, step_seconds(key, make, K))
+    return per_model(model, "_adaptive_block", lambda: AdaptiveBlock(K, *step_seconds(key, make, K)))
 
 
 def torch_generate(
