@@ -22,9 +22,12 @@ from .decode import (
     per_model,
 )
 from .model import Model
-from .passes import CompiledPasses, compiled_passes
+from .passes import compiled_passes
 
 PREFILL_STEP_SIZE = 2048
+# Part of the step-cost cache key: change it when a change to the passes or the
+# weight layout changes what a step costs, so that old calibrations are not reused.
+STEP_IMPLEMENTATION = "compiled passes; float32 weights stored transposed on the CPU"
 
 
 def log_probs(logits: mx.array, params: SamplingParams) -> mx.array:
@@ -123,7 +126,7 @@ def model_key(model: Model) -> str:
     ]
     layer = model.layers[0].self_attn
     return machine_key(
-        "mlx", mx.__version__, str(mx.default_device()), CompiledPasses.__qualname__, repr(model.args),
+        "mlx", mx.__version__, str(mx.default_device()), STEP_IMPLEMENTATION, repr(model.args),
         str(layer.q_proj.weight.dtype), repr(sorted(quant)),
     )
 

@@ -7,6 +7,7 @@ from mlx_lm.generate import generate_step
 from mlx_lm.models import qwen3
 
 from orthrus_mlx import DecodeStats, load_model, mlx_generate
+from orthrus_mlx.costs import machine_key
 from orthrus_mlx.decode import AdaptiveBlock, SamplingParams, Scores, accept, decode
 from orthrus_mlx.generate import adaptive_block
 from orthrus_mlx.testing import random_weights, save_checkpoint, tiny_config
@@ -258,3 +259,14 @@ def test_adaptive_mode_is_exact_and_drafts(small_vocab_checkpoint, tmp_path, mon
     assert (tmp_path / "step_costs.json").is_file()
     with pytest.raises(ValueError, match="block_size must be an int or 'auto'"):
         next(mlx_generate(model, [1], None, 4, block_size="fast"))
+
+
+def test_step_costs_are_kept_apart_per_blas_setting(monkeypatch):
+    """A calibration without a preloaded BLAS (~40x slower matrix products) must not serve one with it."""
+    monkeypatch.delenv("LD_PRELOAD", raising=False)
+    plain = machine_key("mlx", "model")
+    monkeypatch.setenv("LD_PRELOAD", "/usr/lib/x86_64-linux-gnu/libopenblas.so.0")
+    preloaded = machine_key("mlx", "model")
+    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "1")
+    assert len({plain, preloaded, machine_key("mlx", "model")}) == 3
+    assert machine_key("mlx", "model") == machine_key("mlx", "model")
