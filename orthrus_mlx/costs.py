@@ -6,7 +6,8 @@ one-token passes, on other hardware almost nothing more. Attention over the
 cache adds a part that grows with the context (on a CPU, for a small model,
 it dominates long blocks). We time the real backend step (draft + verify +
 the host sync + trim) at two context lengths, once, and keep a line per block
-length: seconds = base[L] + per_position[L] * context. Backend-agnostic: each
+length: seconds = base[L] + per_position[L] * context. The policy treats these
+as a prior and corrects them by the steps it times. Backend-agnostic: each
 backend names its own cache key.
 """
 
@@ -23,7 +24,7 @@ from .decode import Backend, SamplingParams
 CALIBRATION_LENGTHS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 CONTEXTS = (64, 512)
 CONTEXT = max(CONTEXTS)  # the cache a calibration backend must hold, besides one block
-REPEATS = 5
+REPEATS = 7
 
 
 def cache_file() -> Path:
@@ -49,16 +50,22 @@ def measure_step_seconds(backend: Backend, max_size: int, context: int) -> List[
     greedy = SamplingParams()
     backend.prefill([1] * context, greedy)
     lengths = sorted({L for L in CALIBRATION_LENGTHS if L <= max_size} | {max_size})
-    measured = {}
+
+    def step(L: int) -> float:
+        tic = time.perf_counter()
+        drafted = backend.draft(1, L, greedy) if L > 1 else None
+        backend.verify(1, drafted, greedy)
+        backend.trim(L)
+        return time.perf_counter() - tic
+
     for L in lengths:
-        times = []
-        for _ in range(REPEATS + 1):  # the first run warms up
-            tic = time.perf_counter()
-            drafted = backend.draft(1, L, greedy) if L > 1 else None
-            backend.verify(1, drafted, greedy)
-            backend.trim(L)
-            times.append(time.perf_counter() - tic)
-        measured[L] = sorted(times[1:])[len(times[1:]) // 2]
+        step(L)  # warm-up: traces and compiles the passes for this length
+    # Round-robin, so that a busy moment of the machine lands on every length alike.
+    times = {L: [] for L in lengths}
+    for _ in range(REPEATS):
+        for L in lengths:
+            times[L].append(step(L))
+    measured = {L: sorted(t)[len(t) // 2] for L, t in times.items()}
     costs = [0.0]
     for n in range(1, max_size + 1):
         lo = max(L for L in lengths if L <= n)

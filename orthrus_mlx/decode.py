@@ -6,6 +6,7 @@ backend runs the model passes and hands back, per step, a few short host lists
 """
 
 import random
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, List, Optional, Protocol, Sequence, Union
@@ -142,8 +143,12 @@ class FixedBlock:
     def length(self, remaining: int, context: int = 0) -> int:
         return min(self.size, remaining)
 
-    def update(self, length: int, emitted: int) -> None:
+    def update(self, length: int, emitted: int, seconds: Optional[float] = None) -> None:
         pass
+
+
+# Observations a cost correction needs before it counts as much as its prior.
+PRIOR_WEIGHT = 2.0
 
 
 class AdaptiveBlock:
@@ -151,20 +156,30 @@ class AdaptiveBlock:
 
     `step_seconds[L]` is the measured cost of one step of length L (index 0
     unused; L = 1 is a plain AR step) on an empty cache, `per_position[L]` what
-    each cached position adds to it (attention). Acceptance is tracked per draft index as
-    a decayed rate of "accepted, given every earlier draft was"; an index with
-    few observations leans on the index before it (a prior whose weight decays
-    as observations come in), so depths never tried yet are expected to do as
-    well as the deepest tried. When no length beats plain AR the policy decodes
+    each cached position adds to it (attention). Acceptance is tracked per draft index i
+    as the decayed fraction of steps that reached i whose first i+1 drafts were all
+    accepted: every step updates every index it drafted, so the estimate of a
+    deep index falls as soon as long blocks stop paying (a rate conditioned on
+    the drafts before it would only hear from the stretches where they were
+    accepted, and overrate long blocks). An index with few observations leans
+    on the indices before it, extrapolated geometrically (a prior whose weight
+    fades as observations come in), so depths never tried yet are expected to
+    continue the trend of the deepest tried. When no length beats plain AR the policy decodes
     AR and probes with a short block now and then, backing off while drafting
     keeps not paying. A probe accepted in full
     is followed at once by one twice as long, so that a stretch of text the
     drafter predicts well (repetition, boilerplate) is found within a few steps.
+
+    The measured costs are a prior: each timed step corrects them by the ratio of
+    its seconds to the predicted ones (a decayed mean per length, pooled over the
+    drafting lengths while a length has few observations of its own), so a
+    calibration taken on a busy machine, or under other settings, is outgrown.
     """
 
     def __init__(self, max_size: int, step_seconds: Sequence[float],
                  per_position: Optional[Sequence[float]] = None, decay: float = 0.95,
-                 probe_length: int = 2, min_probe_interval: int = 16, max_probe_interval: int = 128):
+                 probe_length: int = 2, min_probe_interval: int = 16, max_probe_interval: int = 128,
+                 cost_decay: float = 0.98):
         per_position = per_position if per_position is not None else [0.0] * len(step_seconds)
         if min(len(step_seconds), len(per_position)) < max_size + 1:
             raise ValueError(f"need step costs for lengths 1..{max_size}")
@@ -177,25 +192,57 @@ class AdaptiveBlock:
         self.min_probe_interval = min_probe_interval
         self.max_probe_interval = max_probe_interval
         self.first_prior = 0.5  # before any observation: half of the drafts accepted
-        self.accepted = [0.0] * max_size
-        self.tried = [0.0] * max_size
-        self.prior_weight = [1.0] * max_size
+        self.survived = [0.0] * max_size  # decayed count of steps whose drafts 0..i were all accepted
+        self.tried = [0.0] * max_size  # decayed count of steps that drafted index i
+        self.prior_weight = [1.0] * max_size  # fades as index i is drafted
         self.probe_interval = self.since_probe = min_probe_interval  # the first step probes
         self.next_probe = self.probe_length
+        # Observed / predicted seconds: decayed sums per length, and pooled for AR (0) and drafting (1).
+        self.cost_decay = cost_decay
+        self.ratio_sum = [0.0] * (max_size + 1)
+        self.ratio_weight = [0.0] * (max_size + 1)
+        self.pool_sum = [0.0, 0.0]
+        self.pool_weight = [0.0, 0.0]
+        self.timed = set()  # lengths seen once: a length's first step may include tracing it
 
     def expected_tokens(self, limit: int) -> List[float]:
         """Expected tokens emitted by a step of each length 1..limit (index 0 unused)."""
-        expected, total, reach, rate = [0.0, 1.0], 1.0, 1.0, self.first_prior
+        expected, total = [0.0, 1.0], 1.0
+        before, survival = 1.0, self.first_prior  # survival: the prior of index 0
         for i in range(limit - 1):
             w = self.prior_weight[i]
-            rate = (self.accepted[i] + w * rate) / (self.tried[i] + w)
-            reach *= rate
+            reach = (self.survived[i] + w * survival) / (self.tried[i] + w)
+            reach = min(reach, before)  # all of drafts 0..i accepted: never likelier than 0..i-1
+            survival = reach * reach / before if before > 0 else 0.0  # the next index's prior
+            before = reach
             total += reach
             expected.append(total)
         return expected
 
-    def cost(self, length: int) -> float:
+    def predicted_cost(self, length: int) -> float:
         return self.base_cost[length] + self.per_position[length] * self.context
+
+    def correction(self, length: int) -> float:
+        """How far this length's steps have run from the prediction (1 before any timing)."""
+        pool = length > 1
+        pooled = (self.pool_sum[pool] + PRIOR_WEIGHT) / (self.pool_weight[pool] + PRIOR_WEIGHT)
+        return (self.ratio_sum[length] + PRIOR_WEIGHT * pooled) / (self.ratio_weight[length] + PRIOR_WEIGHT)
+
+    def cost(self, length: int) -> float:
+        return self.predicted_cost(length) * self.correction(length)
+
+    def observe_cost(self, length: int, seconds: float) -> None:
+        if length not in self.timed:
+            self.timed.add(length)
+            return
+        # Clipped: one step stalled by the rest of the machine must not outweigh many.
+        ratio = min(max(seconds / self.predicted_cost(length), 0.25), 4.0)
+        pool = length > 1
+        d = self.cost_decay
+        self.ratio_sum[length] = self.ratio_sum[length] * d + ratio
+        self.ratio_weight[length] = self.ratio_weight[length] * d + 1
+        self.pool_sum[pool] = self.pool_sum[pool] * d + ratio
+        self.pool_weight[pool] = self.pool_weight[pool] * d + 1
 
     def best(self, limit: int) -> int:
         expected = self.expected_tokens(limit)
@@ -209,15 +256,17 @@ class AdaptiveBlock:
             return max(choice, min(self.next_probe, limit))
         return choice
 
-    def update(self, length: int, emitted: int) -> None:
+    def update(self, length: int, emitted: int, seconds: Optional[float] = None) -> None:
+        if seconds is not None:
+            self.observe_cost(length, seconds)
         if length == 1:
             self.since_probe += 1
             return
         accepted = emitted - 1
-        for i in range(min(accepted + 1, length - 1)):
+        for i in range(length - 1):
             self.tried[i] = self.tried[i] * self.decay + 1
+            self.survived[i] = self.survived[i] * self.decay + (i < accepted)
             self.prior_weight[i] *= self.decay
-            self.accepted[i] = self.accepted[i] * self.decay + (i < accepted)
         if self.since_probe >= self.probe_interval:  # this step was a probe
             if emitted == length and length < self.max_size:
                 self.next_probe = min(2 * length, self.max_size)
@@ -297,12 +346,14 @@ def decode(
     emitted = 1
     while token not in eos and emitted < max_tokens:
         length = policy.length(max_tokens - emitted, backend.cache_length())
+        tic = time.perf_counter()
         drafted = backend.draft(token, length, params) if length > 1 else None
         scores = backend.verify(token, drafted, params)
+        seconds = time.perf_counter() - tic
         new = accept(scores, params, rng)
         # The cache holds the verify pass's L entries; keep t and the m accepted drafts.
         backend.trim(length - len(new))
-        policy.update(length, len(new))
+        policy.update(length, len(new), seconds)
         stats.tokens_per_step.append(len(new))
         for token in new:
             yield token
