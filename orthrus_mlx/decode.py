@@ -149,6 +149,9 @@ class FixedBlock:
 
 # Observations a cost correction needs before it counts as much as its prior.
 PRIOR_WEIGHT = 2.0
+# Once AR is the best length, the choice is only reconsidered (between probes) after this many
+# positions: its inputs barely move in the meantime, and AR steps are where overhead shows most.
+AR_RECHECK = 16
 
 
 class AdaptiveBlock:
@@ -204,6 +207,7 @@ class AdaptiveBlock:
         self.pool_sum = [0.0, 0.0]
         self.pool_weight = [0.0, 0.0]
         self.timed = set()  # lengths seen once: a length's first step may include tracing it
+        self.ar_until = 0  # below this context, AR stands chosen (see length)
 
     def expected_tokens(self, limit: int) -> List[float]:
         """Expected tokens emitted by a step of each length 1..limit (index 0 unused)."""
@@ -251,8 +255,12 @@ class AdaptiveBlock:
     def length(self, remaining: int, context: int = 0) -> int:
         self.context = context
         limit = min(self.max_size, remaining)
+        probe = limit > 1 and self.since_probe >= self.probe_interval
+        if not probe and context < self.ar_until:
+            return 1  # settled on AR: nothing but the context and AR timings moved since
         choice = self.best(limit)
-        if limit > 1 and self.since_probe >= self.probe_interval:
+        self.ar_until = context + AR_RECHECK if choice == 1 else 0
+        if probe:
             return max(choice, min(self.next_probe, limit))
         return choice
 
@@ -262,6 +270,7 @@ class AdaptiveBlock:
         if length == 1:
             self.since_probe += 1
             return
+        self.ar_until = 0
         accepted = emitted - 1
         for i in range(length - 1):
             self.tried[i] = self.tried[i] * self.decay + 1
