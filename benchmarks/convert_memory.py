@@ -9,7 +9,6 @@ and reports the child's peak RSS against the checkpoint's size and its largest t
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys

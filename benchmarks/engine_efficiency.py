@@ -16,7 +16,6 @@ memory-bound each pass reads the weights once, so the floor is 2 (two passes).
 import argparse
 import gc
 import json
-import os
 import platform
 import statistics
 import time
@@ -25,6 +24,7 @@ from typing import Dict, List
 import mlx.core as mx
 import mlx.nn as nn
 
+from orthrus_mlx.bench import machine_note
 from orthrus_mlx.decode import SamplingParams
 from orthrus_mlx.generate import MLXBackend
 from orthrus_mlx.model import Model, ModelArgs
@@ -109,13 +109,6 @@ def measure(model: Model, context: int, lengths: List[int], repeats: int) -> Dic
         out[f"step_{L}_s"] = median_seconds(step(L), repeats)
         out[f"ratio_{L}"] = out[f"step_{L}_s"] / out["ar_step_s"]
     return out
-
-
-def machine_note() -> str:
-    if platform.system() == "Darwin":
-        return f"macOS {platform.machine()}, MLX {mx.default_device()}"
-    blas = "OpenBLAS preloaded" if "openblas" in os.environ.get("LD_PRELOAD", "").lower() else "no OpenBLAS preload"
-    return f"{platform.system()} CPU, MLX CPU backend, {blas}"
 
 
 def main() -> int:

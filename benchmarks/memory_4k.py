@@ -12,8 +12,6 @@ not mix. Reported: MLX's peak over the whole run (prefill included) and over dec
 
 import argparse
 import json
-import os
-import platform
 import resource
 import subprocess
 import sys
@@ -94,10 +92,9 @@ def main() -> int:
                 continue
             results[mode] = json.loads(out.stdout.strip().splitlines()[-1])
 
-    preload = "OpenBLAS preloaded" if "openblas" in os.environ.get("LD_PRELOAD", "").lower() else "no OpenBLAS preload"
-    machine = f"{platform.system()} CPU, MLX CPU backend, {preload}"
-    if platform.system() == "Darwin":
-        machine = f"macOS {platform.machine()}, MLX"
+    from orthrus_mlx.bench import machine_note
+
+    machine = machine_note()
     print(f"Peak memory at a {context}-token context ({args.dtype}; {machine})\n")
     print("| mode | weights MB | KV cache MB | peak MB (whole run) | peak MB (decoding) | max RSS MB | vs ar (decoding) |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")

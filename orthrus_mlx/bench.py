@@ -94,7 +94,10 @@ def machine_note() -> str:
         return f"macOS {platform.machine()}, MLX Metal (GPU) backend"
     preload = os.environ.get("LD_PRELOAD", "")
     blas = "OpenBLAS preloaded" if "openblas" in preload.lower() else "no OpenBLAS preload"
-    return f"{platform.system()} CPU, MLX CPU backend, {blas}"
+    threads = os.environ.get("OPENBLAS_NUM_THREADS")
+    if threads and "openblas" in preload.lower():
+        blas += f" ({threads} thread{'s' if threads != '1' else ''})"
+    return f"{platform.system()} CPU, {os.cpu_count()} cores, MLX CPU backend, {blas}"
 
 
 def parse_modes(text: str, block_sizes: List[int], has_diffusion: bool) -> List[str]:
