@@ -160,8 +160,8 @@ class AdaptiveBlock:
     `step_seconds[L]` is the measured cost of one step of length L (index 0
     unused; L = 1 is a plain AR step) on an empty cache, `per_position[L]` what
     each cached position adds to it (attention). Acceptance is tracked per draft index i
-    as the decayed fraction of steps that reached i whose first i+1 drafts were all
-    accepted: every step updates every index it drafted, so the estimate of a
+    as the decayed fraction of the steps that drafted index i whose first i+1 drafts
+    were all accepted: every step updates every index it drafted, so the estimate of a
     deep index falls as soon as long blocks stop paying (a rate conditioned on
     the drafts before it would only hear from the stretches where they were
     accepted, and overrate long blocks). An index with few observations leans
