@@ -7,7 +7,7 @@ The model, sampling and chat-template flags are defined here once and shared by
 import argparse
 import json
 import sys
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Union
 
 from .decode import SamplingParams
 from .generate import generate
@@ -74,7 +74,9 @@ def add_sampling_arguments(parser: argparse.ArgumentParser, max_tokens: int) -> 
         "--block-size",
         type=block_size,
         default=None,
-        help="Draft block length, or 'auto' to pick it step by step (default: the checkpoint's)",
+        help="Draft block length, or 'auto' to pick it step by step from this machine's measured "
+        "step costs and the running acceptance (default: auto; the checkpoint's with --seed and "
+        "--temp > 0, so that the seed reproduces the sample)",
     )
 
 
@@ -129,6 +131,14 @@ def sampling_params(args: argparse.Namespace) -> SamplingParams:
     return SamplingParams(args.temp, args.top_p, args.top_k, args.seed)
 
 
+def command_block_size(flag: Union[int, str, None], temperature: float, seed: Optional[int]):
+    """The commands' block length: `auto` unless one is given, or unless a seeded sample must
+    reproduce (the draws follow the block schedule, which `auto` picks from timings)."""
+    if flag is not None:
+        return flag
+    return None if temperature > 0 and seed is not None else "auto"
+
+
 def generation_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
     """The `mlx_generate` options the sampling flags map onto."""
     return dict(
@@ -137,7 +147,7 @@ def generation_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
         top_k=args.top_k,
         seed=args.seed,
         use_diffusion=not args.no_diffusion,
-        block_size=args.block_size,
+        block_size=command_block_size(args.block_size, args.temp, args.seed),
     )
 
 

@@ -21,6 +21,7 @@ from .cli_generate import (
     add_model_arguments,
     add_sampling_arguments,
     chat_prompt,
+    command_block_size,
     generation_kwargs,
     load_from_args,
     sampling_params,
@@ -264,6 +265,7 @@ class App:
             top_p=req.sampling.top_p,
             top_k=req.sampling.top_k,
             seed=req.sampling.seed,
+            block_size=command_block_size(self.defaults.block_size, req.sampling.temperature, req.sampling.seed),
         )
         responses = stream_generate(
             self.model,

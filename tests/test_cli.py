@@ -9,7 +9,7 @@ from cli_helpers import SHIPPED, run_cli_many
 
 from orthrus_mlx import generate
 from orthrus_mlx.__main__ import COMMANDS, main
-from orthrus_mlx.cli_generate import chat_prompt
+from orthrus_mlx.cli_generate import chat_prompt, command_block_size
 
 MAX_TOKENS = 12
 PROMPT = "Tell me about the sea."
@@ -138,3 +138,11 @@ def test_help_lists_the_commands_and_flags(capsys):
     for flag in ("--max-tokens", "--temp", "--top-p", "--top-k", "--seed", "--system-prompt",
                  "--chat-template-args", "--enable-thinking", "--no-diffusion", "--verbose"):
         assert flag in help_text
+
+
+def test_commands_default_to_auto_unless_a_seeded_sample_must_reproduce():
+    assert command_block_size(None, 0.0, None) == "auto"
+    assert command_block_size(None, 0.0, 7) == "auto"  # greedy: the schedule cannot change the tokens
+    assert command_block_size(None, 0.8, None) == "auto"
+    assert command_block_size(None, 0.8, 7) is None  # the checkpoint's K
+    assert command_block_size(4, 0.8, 7) == 4 and command_block_size("auto", 0.8, 7) == "auto"
