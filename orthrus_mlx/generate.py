@@ -209,6 +209,8 @@ def stream_generate(
     prompt = as_token_list(prompt)
     eos = eos_set(kwargs.pop("eos_token_id", None)) | set(tokenizer.eos_token_ids)
     stats = kwargs.pop("stats", None) or DecodeStats()
+    if kwargs.get("block_size") == "auto" and kwargs.get("use_diffusion", True) and model.has_diffusion:
+        adaptive_block(model)  # a first use measures step costs: keep that out of the prompt time
 
     detokenizer = tokenizer.detokenizer
     detokenizer.reset()
