@@ -304,3 +304,16 @@ def test_adaptive_block_ignores_the_first_step_of_a_length_and_clips_stalls():
     for _ in range(100):
         policy.update(4, 4, seconds=3.0)
     assert policy.cost(4) == pytest.approx(3.0, rel=0.05)
+
+
+def test_a_fresh_policy_keeps_drafting_after_one_early_rejection():
+    """The first token after a prompt is the hardest to draft: one miss must not mean AR for good."""
+    # Step costs in AR steps, as calibrated for the shipped model on the development machine.
+    cost = [0.0, 1.0, 1.78, 1.93, 1.73, 1.92, 2.12, 2.18, 2.25, 2.34, 2.42, 2.51, 2.6, 2.72, 2.84, 2.96, 3.08]
+    policy = AdaptiveBlock(16, cost)
+    first = policy.length(1000)
+    assert first > 1
+    policy.update(first, 1)
+    assert policy.length(1000) > 1
+    chosen = run_policy(policy, acceptance=0.8, steps=50)
+    assert min(chosen) > 1
