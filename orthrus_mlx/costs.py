@@ -7,8 +7,9 @@ cache adds a part that grows with the context (on a CPU, for a small model,
 it dominates long blocks). We time the real backend step (draft + verify +
 the host sync + trim) at two context lengths, once, and keep a line per block
 length: seconds = base[L] + per_position[L] * context. The policy treats these
-as a prior and corrects them by the steps it times. Backend-agnostic: each
-backend names its own cache key.
+as a prior and corrects them by the steps it times; what it has learned
+(acceptance, corrections) is kept beside them, so the next process resumes it.
+Backend-agnostic: each backend names its own cache key.
 """
 
 import hashlib
@@ -19,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Callable, List, Tuple
 
-from .decode import Backend, SamplingParams
+from .decode import AdaptiveBlock, Backend, SamplingParams
 
 CALIBRATION_LENGTHS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 CONTEXTS = (64, 512)
@@ -87,21 +88,48 @@ def measure_cost_lines(make_backend: Callable[[], Backend], max_size: int) -> Tu
     return base, per_position
 
 
-def step_seconds(key: str, make_backend: Callable[[], Backend], max_size: int) -> Tuple[List[float], List[float]]:
-    """The cached (base, per_position) cost lines under `key`, measured on first use."""
+def read_table() -> dict:
     path = cache_file()
-    table = {}
     if path.is_file():
         try:
             table = json.loads(path.read_text())
+            return table if isinstance(table, dict) else {}
         except json.JSONDecodeError:
-            table = {}
-    entry = table.get(key)
+            pass
+    return {}
+
+
+def write_entry(key: str, entry: dict) -> None:
+    """Replace one key's entry; atomic, so a reader never sees half a file."""
+    path = cache_file()
+    table = read_table()
+    table[key] = entry
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(table))
+    tmp.replace(path)
+
+
+def step_seconds(key: str, make_backend: Callable[[], Backend], max_size: int) -> Tuple[List[float], List[float]]:
+    """The cached (base, per_position) cost lines under `key`, measured on first use."""
+    entry = read_table().get(key)
     if not isinstance(entry, dict) or len(entry.get("base", [])) < max_size + 1:
         base, per_position = measure_cost_lines(make_backend, max_size)
-        entry = table[key] = {"base": base, "per_position": per_position}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(table))
-        tmp.replace(path)
+        entry = {"base": base, "per_position": per_position}
+        write_entry(key, entry)
     return entry["base"], entry["per_position"]
+
+
+def adaptive_policy(key: str, make_backend: Callable[[], Backend], max_size: int) -> AdaptiveBlock:
+    """The adaptive policy over the step costs under `key`, resuming what earlier processes learned."""
+    policy = AdaptiveBlock(max_size, *step_seconds(key, make_backend, max_size))
+    policy.restore(read_table().get(key, {}).get("learned", {}))
+    policy.cache_key = key
+    return policy
+
+
+def remember(policy: AdaptiveBlock) -> None:
+    """Keep what `policy` has learned next to its step costs, for the next process."""
+    entry = read_table().get(policy.cache_key) if policy.cache_key else None
+    if isinstance(entry, dict):
+        write_entry(policy.cache_key, {**entry, "learned": policy.state()})

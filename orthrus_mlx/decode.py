@@ -213,6 +213,23 @@ class AdaptiveBlock:
         self.timed = set()  # lengths seen once: a length's first step may include tracing it
         self.ar_until = 0  # below this context, AR stands chosen (see length)
         self.extend_to = 0  # the next step's least length, after a block accepted in full
+        self.cache_key: Optional[str] = None  # where its costs came from and what it learned goes
+
+    LEARNED = ("survived", "tried", "prior_weight", "ratio_sum", "ratio_weight", "pool_sum", "pool_weight")
+
+    def state(self) -> dict:
+        """What the policy has learned (acceptance, cost corrections), to carry to a later process."""
+        return {name: list(getattr(self, name)) for name in self.LEARNED}
+
+    def restore(self, state: dict) -> None:
+        """Take up a `state()`; ignored unless it fits this policy's block size."""
+        fits = all(
+            isinstance(state.get(name), list) and len(state[name]) == len(getattr(self, name))
+            for name in self.LEARNED
+        )
+        if fits:
+            for name in self.LEARNED:
+                setattr(self, name, [float(v) for v in state[name]])
 
     def expected_tokens(self, limit: int) -> List[float]:
         """Expected tokens emitted by a step of each length 1..limit (index 0 unused)."""

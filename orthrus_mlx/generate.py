@@ -9,7 +9,7 @@ import mlx.nn as nn
 from mlx_lm.generate import GenerationResponse as MLXGenerationResponse
 from mlx_lm.sample_utils import apply_top_k, apply_top_p
 
-from .costs import machine_key, step_seconds
+from .costs import adaptive_policy, machine_key, remember
 from .decode import (
     AdaptiveBlock,
     DecodeStats,
@@ -135,13 +135,11 @@ def adaptive_block(model: Model) -> AdaptiveBlock:
     """The adaptive policy over this machine's measured step costs for `model`.
 
     One per model object: its acceptance statistics carry over from one
-    generation to the next, so a new prompt does not relearn them.
+    generation to the next, so a new prompt does not relearn them, and are
+    kept with the step costs, so a new process does not either.
     """
 
-    def make():
-        costs = step_seconds(model_key(model), lambda: MLXBackend(model, model.make_cache()), model.block_size)
-        return AdaptiveBlock(model.block_size, *costs)
-
+    make = lambda: adaptive_policy(model_key(model), lambda: MLXBackend(model, model.make_cache()), model.block_size)
     return per_model(model, "_adaptive_block", make)
 
 
@@ -175,15 +173,19 @@ def mlx_generate(
     cache = prompt_cache if prompt_cache is not None else model.make_cache()
     backend = MLXBackend(model, cache, seed)
     eos = eos_set(eos_token_id) | eos_set(model.args.eos_token_id)
-    yield from decode(
-        backend,
-        as_token_list(prompt_tokens),
-        max_tokens=max_tokens,
-        eos_token_id=eos,
-        params=params,
-        block_size=block_size,
-        stats=stats,
-    )
+    try:
+        yield from decode(
+            backend,
+            as_token_list(prompt_tokens),
+            max_tokens=max_tokens,
+            eos_token_id=eos,
+            params=params,
+            block_size=block_size,
+            stats=stats,
+        )
+    finally:
+        if isinstance(block_size, AdaptiveBlock):
+            remember(block_size)
 
 
 @dataclass

@@ -317,3 +317,30 @@ def test_a_fresh_policy_keeps_drafting_after_one_early_rejection():
     assert policy.length(1000) > 1
     chosen = run_policy(policy, acceptance=0.8, steps=50)
     assert min(chosen) > 1
+
+
+def test_adaptive_policy_resumes_what_an_earlier_process_learned(small_vocab_checkpoint, tmp_path, monkeypatch):
+    monkeypatch.setenv("ORTHRUS_MLX_CACHE", str(tmp_path))
+    path, _ = small_vocab_checkpoint
+    model, _ = load_model(path)
+    fresh = adaptive_block(model).state()
+    tokens = mlx_generate(model, [7] * 12, None, 30, block_size="auto")
+    for _ in range(20):
+        next(tokens)
+    tokens.close()  # a consumer that stops early: what was learned is kept all the same
+    learned = adaptive_block(model).state()
+    assert learned != fresh
+    later, _ = load_model(path)  # what a new process builds
+    assert adaptive_block(later) is not adaptive_block(model)
+    assert adaptive_block(later).state() == learned
+
+
+def test_adaptive_policy_ignores_a_learned_state_of_another_block_size():
+    small, large = AdaptiveBlock(4, [0.0, 1.0, 2.0, 2.0, 2.0]), AdaptiveBlock(8, [0.0] + [1.0] * 8)
+    run_policy(small, acceptance=0.5, steps=50)
+    before = large.state()
+    large.restore(small.state())
+    assert large.state() == before
+    again = AdaptiveBlock(4, [0.0, 1.0, 2.0, 2.0, 2.0])
+    again.restore(small.state())
+    assert again.state() == small.state()

@@ -4,7 +4,7 @@ from typing import Iterable, Iterator, Optional, Sequence, Union
 
 import torch
 
-from ..costs import CONTEXT, machine_key, step_seconds
+from ..costs import CONTEXT, adaptive_policy, machine_key, remember
 from ..decode import AdaptiveBlock, DecodeStats, SamplingParams, as_token_list, block_policy, decode, eos_set, per_model
 from .backend import TorchBackend
 from .cache import KVCache
@@ -23,13 +23,13 @@ def cache_capacity(model: Model, needed: int, compile: bool = False) -> int:
 
 def adaptive_block(model: Model) -> AdaptiveBlock:
     """The adaptive policy over this machine's measured step costs for `model` on its device,
-    one per model object (acceptance statistics carry over between generations)."""
+    one per model object (acceptance statistics carry over between generations and processes)."""
     K = model.block_size
     weight = model.model.embed_tokens.weight
     device = torch.cuda.get_device_name(weight.device) if weight.is_cuda else "cpu"
     key = machine_key("torch", torch.__version__, device, repr(model.args), str(weight.dtype))
     make = lambda: TorchBackend(model, model.make_cache(cache_capacity(model, CONTEXT + K)), None)
-    return per_model(model, "_adaptive_block", lambda: AdaptiveBlock(K, *step_seconds(key, make, K)))
+    return per_model(model, "_adaptive_block", lambda: adaptive_policy(key, make, K))
 
 
 def torch_generate(
@@ -67,15 +67,19 @@ def torch_generate(
     longest = block_size if isinstance(block_size, int) else block_size.max_size
     backend = TorchBackend(model, cache, seed, compile=compile, block_size=longest)
     eos = eos_set(eos_token_id) | eos_set(model.args.eos_token_id)
-    yield from decode(
-        backend,
-        prompt,
-        max_tokens=max_tokens,
-        eos_token_id=eos,
-        params=params,
-        block_size=block_size,
-        stats=stats,
-    )
+    try:
+        yield from decode(
+            backend,
+            prompt,
+            max_tokens=max_tokens,
+            eos_token_id=eos,
+            params=params,
+            block_size=block_size,
+            stats=stats,
+        )
+    finally:
+        if isinstance(block_size, AdaptiveBlock):
+            remember(block_size)
 
 
 def generate(
