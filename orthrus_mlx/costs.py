@@ -120,16 +120,16 @@ def step_seconds(key: str, make_backend: Callable[[], Backend], max_size: int) -
     return entry["base"], entry["per_position"]
 
 
-def adaptive_policy(key: str, make_backend: Callable[[], Backend], max_size: int) -> AdaptiveBlock:
-    """The adaptive policy over the step costs under `key`, resuming what earlier processes learned."""
+def adaptive_policy(key: str, weights: str, make_backend: Callable[[], Backend], max_size: int) -> AdaptiveBlock:
+    """The adaptive policy over the step costs under `key`, resuming what earlier processes
+    learned with these `weights` (a fingerprint: costs follow the shapes, acceptance the weights)."""
     policy = AdaptiveBlock(max_size, *step_seconds(key, make_backend, max_size))
-    policy.restore(read_table().get(key, {}).get("learned", {}))
-    policy.cache_key = key
+    policy.cache_key = machine_key(key, weights)
+    policy.restore(read_table().get(policy.cache_key, {}).get("learned", {}))
     return policy
 
 
 def remember(policy: AdaptiveBlock) -> None:
     """Keep what `policy` has learned next to its step costs, for the next process."""
-    entry = read_table().get(policy.cache_key) if policy.cache_key else None
-    if isinstance(entry, dict):
-        write_entry(policy.cache_key, {**entry, "learned": policy.state()})
+    if policy.cache_key:
+        write_entry(policy.cache_key, {"learned": policy.state()})

@@ -380,15 +380,14 @@ def decode(
     yield token
     emitted = 1
     while token not in eos and emitted < max_tokens:
+        tic = time.perf_counter()  # the whole step but the consumer's time between tokens
         length = policy.length(max_tokens - emitted, backend.cache_length())
-        tic = time.perf_counter()
         drafted = backend.draft(token, length, params) if length > 1 else None
         scores = backend.verify(token, drafted, params)
-        seconds = time.perf_counter() - tic
         new = accept(scores, params, rng)
         # The cache holds the verify pass's L entries; keep t and the m accepted drafts.
         backend.trim(length - len(new))
-        policy.update(length, len(new), seconds)
+        policy.update(length, len(new), time.perf_counter() - tic)
         stats.tokens_per_step.append(len(new))
         for token in new:
             yield token

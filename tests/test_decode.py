@@ -7,6 +7,7 @@ from mlx_lm.generate import generate_step
 from mlx_lm.models import qwen3
 
 from orthrus_mlx import DecodeStats, load_model, mlx_generate
+from orthrus_mlx.bench import randomize_diffusion
 from orthrus_mlx.costs import machine_key
 from orthrus_mlx.decode import AdaptiveBlock, SamplingParams, Scores, accept, decode
 from orthrus_mlx.generate import adaptive_block
@@ -333,6 +334,9 @@ def test_adaptive_policy_resumes_what_an_earlier_process_learned(small_vocab_che
     later, _ = load_model(path)  # what a new process builds
     assert adaptive_block(later) is not adaptive_block(model)
     assert adaptive_block(later).state() == learned
+    other, _ = load_model(path)
+    randomize_diffusion(other)  # same shapes, other drafter: its acceptance is its own
+    assert adaptive_block(other).state() == fresh
 
 
 def test_adaptive_policy_ignores_a_learned_state_of_another_block_size():
