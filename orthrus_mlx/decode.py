@@ -152,6 +152,8 @@ PRIOR_WEIGHT = 2.0
 # Once AR is the best length, the choice is only reconsidered (between probes) after this many
 # positions: its inputs barely move in the meantime, and AR steps are where overhead shows most.
 AR_RECHECK = 16
+# One drafting step in this many goes twice as long as chosen, to keep observing deeper drafts.
+EXPLORE_EVERY = 8
 
 
 class AdaptiveBlock:
@@ -169,10 +171,11 @@ class AdaptiveBlock:
     fades as observations come in), so depths never tried yet are expected to
     continue the trend of the deepest tried. When no length beats plain AR the policy decodes
     AR and probes with a short block now and then, backing off while drafting
-    keeps not paying. A block accepted in full (a probe or not) is followed at
-    once by one twice as long, so that a stretch of text the drafter predicts
-    well (repetition, boilerplate) is found within a few steps, and the deep
-    indices keep being observed.
+    keeps not paying. A probe accepted in full is followed at once by one twice
+    as long, so that a stretch of text the drafter predicts well (repetition,
+    boilerplate) is found within a few steps; and one drafting step in
+    EXPLORE_EVERY goes twice as long as chosen, so that deeper indices keep
+    being observed.
 
     The measured costs are a prior: each timed step corrects them by the ratio of
     its seconds to the predicted ones (a decayed mean per length, pooled over the
@@ -212,7 +215,8 @@ class AdaptiveBlock:
         self.pool_weight = [0.0, 0.0]
         self.timed = set()  # lengths seen once: a length's first step may include tracing it
         self.ar_until = 0  # below this context, AR stands chosen (see length)
-        self.extend_to = 0  # the next step's least length, after a block accepted in full
+        self.extend_to = 0  # the next step's least length (see update)
+        self.drafting_steps = 0
         self.cache_key: Optional[str] = None  # where its costs came from and what it learned goes
 
     LEARNED = ("survived", "tried", "prior_weight", "ratio_sum", "ratio_weight", "pool_sum", "pool_weight")
@@ -299,7 +303,8 @@ class AdaptiveBlock:
             self.survived[i] = self.survived[i] * self.decay + (i < accepted)
             self.prior_weight[i] *= self.decay
         longer = min(2 * length, self.max_size) if emitted == length else 0
-        if self.since_probe >= self.probe_interval:  # this step was a probe
+        probe = self.since_probe >= self.probe_interval
+        if probe:
             if longer > length:
                 self.next_probe = longer
                 return  # all accepted: probe again, longer, at once
@@ -307,9 +312,14 @@ class AdaptiveBlock:
             self.probe_interval = (
                 self.min_probe_interval if paid else min(2 * self.probe_interval, self.max_probe_interval)
             )
-        # A block accepted in full is followed by one twice as long: the deep draft indices
-        # are only ever observed by trying them, and a full block marks where they may pay.
-        self.extend_to = longer
+        # Deep draft indices are only observed by drafting them: every EXPLORE_EVERY-th drafting
+        # step goes twice as long as chosen. On a schedule, not after a full block: a full block
+        # marks a repetitive stretch, and deep indices seen only there would look too good.
+        self.extend_to = 0
+        if not probe:
+            self.drafting_steps += 1
+            if self.drafting_steps % EXPLORE_EVERY == 0:
+                self.extend_to = min(2 * length, self.max_size)
         self.next_probe = self.probe_length
         self.since_probe = 0
 
