@@ -18,7 +18,7 @@ import os
 import platform
 import time
 from pathlib import Path
-from typing import Callable, List, Tuple
+from typing import Callable, Iterator, List, Tuple, Union
 
 from .decode import AdaptiveBlock, Backend, SamplingParams
 
@@ -127,6 +127,16 @@ def adaptive_policy(key: str, weights: str, make_backend: Callable[[], Backend],
     policy.cache_key = machine_key(key, weights)
     policy.restore(read_table().get(policy.cache_key, {}).get("learned", {}))
     return policy
+
+
+def remembering(tokens: Iterator[int], policy: Union[int, AdaptiveBlock]) -> Iterator[int]:
+    """`tokens` as they come; then, if `policy` is adaptive, what it learned is kept (also when
+    the consumer stops early)."""
+    try:
+        yield from tokens
+    finally:
+        if isinstance(policy, AdaptiveBlock):
+            remember(policy)
 
 
 def remember(policy: AdaptiveBlock) -> None:

@@ -9,7 +9,7 @@ import mlx.nn as nn
 from mlx_lm.generate import GenerationResponse as MLXGenerationResponse
 from mlx_lm.sample_utils import apply_top_k, apply_top_p
 
-from .costs import adaptive_policy, machine_key, remember
+from .costs import adaptive_policy, machine_key, remembering
 from .decode import (
     AdaptiveBlock,
     DecodeStats,
@@ -181,19 +181,16 @@ def mlx_generate(
     cache = prompt_cache if prompt_cache is not None else model.make_cache()
     backend = MLXBackend(model, cache, seed)
     eos = eos_set(eos_token_id) | eos_set(model.args.eos_token_id)
-    try:
-        yield from decode(
-            backend,
-            as_token_list(prompt_tokens),
-            max_tokens=max_tokens,
-            eos_token_id=eos,
-            params=params,
-            block_size=block_size,
-            stats=stats,
-        )
-    finally:
-        if isinstance(block_size, AdaptiveBlock):
-            remember(block_size)
+    tokens = decode(
+        backend,
+        as_token_list(prompt_tokens),
+        max_tokens=max_tokens,
+        eos_token_id=eos,
+        params=params,
+        block_size=block_size,
+        stats=stats,
+    )
+    yield from remembering(tokens, block_size)
 
 
 @dataclass

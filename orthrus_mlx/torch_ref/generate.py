@@ -4,7 +4,7 @@ from typing import Iterable, Iterator, Optional, Sequence, Union
 
 import torch
 
-from ..costs import CONTEXT, adaptive_policy, machine_key, remember
+from ..costs import CONTEXT, adaptive_policy, machine_key, remembering
 from ..decode import AdaptiveBlock, DecodeStats, SamplingParams, as_token_list, block_policy, decode, eos_set, per_model
 from .backend import TorchBackend
 from .cache import KVCache
@@ -70,19 +70,16 @@ def torch_generate(
     longest = block_size if isinstance(block_size, int) else block_size.max_size
     backend = TorchBackend(model, cache, seed, compile=compile, block_size=longest)
     eos = eos_set(eos_token_id) | eos_set(model.args.eos_token_id)
-    try:
-        yield from decode(
-            backend,
-            prompt,
-            max_tokens=max_tokens,
-            eos_token_id=eos,
-            params=params,
-            block_size=block_size,
-            stats=stats,
-        )
-    finally:
-        if isinstance(block_size, AdaptiveBlock):
-            remember(block_size)
+    tokens = decode(
+        backend,
+        prompt,
+        max_tokens=max_tokens,
+        eos_token_id=eos,
+        params=params,
+        block_size=block_size,
+        stats=stats,
+    )
+    yield from remembering(tokens, block_size)
 
 
 def generate(
