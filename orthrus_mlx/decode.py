@@ -302,11 +302,10 @@ class AdaptiveBlock:
             self.tried[i] = self.tried[i] * self.decay + 1
             self.survived[i] = self.survived[i] * self.decay + (i < accepted)
             self.prior_weight[i] *= self.decay
-        longer = min(2 * length, self.max_size) if emitted == length else 0
         probe = self.since_probe >= self.probe_interval
         if probe:
-            if longer > length:
-                self.next_probe = longer
+            if emitted == length and length < self.max_size:
+                self.next_probe = min(2 * length, self.max_size)
                 return  # all accepted: probe again, longer, at once
             paid = self.best(self.max_size) > 1
             self.probe_interval = (

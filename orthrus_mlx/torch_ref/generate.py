@@ -29,10 +29,14 @@ def adaptive_block(model: Model) -> AdaptiveBlock:
     device = torch.cuda.get_device_name(weight.device) if weight.is_cuda else "cpu"
     key = machine_key("torch", torch.__version__, device, repr(model.args), str(weight.dtype))
     make = lambda: TorchBackend(model, model.make_cache(cache_capacity(model, CONTEXT + K)), None)
+    return per_model(model, "_adaptive_block", lambda: adaptive_policy(key, weights_fingerprint(model), make, K))
+
+
+def weights_fingerprint(model: Model) -> str:
+    """A few weights of both views, so that two checkpoints of one shape learn apart."""
     first, last = model.model.layers[0].self_attn, model.model.layers[-1].self_attn
     sample = [first.q_proj.weight, first.q_proj_diff.weight, last.o_proj_diff.weight]
-    weights = repr([w[0, :8].float().tolist() for w in sample])  # two checkpoints of one shape learn apart
-    return per_model(model, "_adaptive_block", lambda: adaptive_policy(key, weights, make, K))
+    return repr([w[0, :8].float().tolist() for w in sample])
 
 
 def torch_generate(
