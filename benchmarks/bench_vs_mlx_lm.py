@@ -9,7 +9,7 @@ Takes every flag of `orthrus-mlx bench --help`.
 
 import sys
 
-from orthrus_mlx.__main__ import main
+from orthrus_mlx.cli import main
 
 if __name__ == "__main__":
     sys.exit(main(["bench", *sys.argv[1:]]))

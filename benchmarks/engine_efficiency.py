@@ -24,10 +24,10 @@ from typing import Dict, List
 import mlx.core as mx
 import mlx.nn as nn
 
-from orthrus_mlx.bench import machine_note
-from orthrus_mlx.decode import SamplingParams
-from orthrus_mlx.generate import MLXBackend
-from orthrus_mlx.model import Model, ModelArgs
+from orthrus_mlx.cli.bench import machine_note
+from orthrus_mlx.core.sampling import SamplingParams
+from orthrus_mlx.backend import MLXBackend
+from orthrus_mlx.models.qwen3 import Model, ModelArgs
 
 SHAPES = {
     "0.6B": dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,

@@ -92,7 +92,7 @@ def main() -> int:
                 continue
             results[mode] = json.loads(out.stdout.strip().splitlines()[-1])
 
-    from orthrus_mlx.bench import machine_note
+    from orthrus_mlx.cli.bench import machine_note
 
     machine = machine_note()
     print(f"Peak memory at a {context}-token context ({args.dtype}; {machine})\n")

@@ -17,11 +17,12 @@ from typing import Dict, List, Optional
 
 import torch
 
-from orthrus_mlx.decode import DecodeStats, SamplingParams, decode
-from orthrus_mlx.torch_ref.backend import TorchBackend
-from orthrus_mlx.torch_ref.generate import cache_capacity
-from orthrus_mlx.torch_ref.loader import DTYPES, load_model
-from orthrus_mlx.torch_ref.model import Model, ModelArgs
+from orthrus_mlx.core.sampling import SamplingParams
+from orthrus_mlx.core.step import DecodeStats, decode
+from orthrus_mlx.torch_backend.backend import TorchBackend
+from orthrus_mlx.torch_backend.generate import cache_capacity
+from orthrus_mlx.torch_backend.loader import DTYPES, load_model
+from orthrus_mlx.torch_backend.model import Model, ModelArgs
 
 PRESETS: Dict[str, dict] = {
     "tiny": dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,

@@ -3,8 +3,8 @@
 import torch
 
 from orthrus_mlx.loader import DEFAULT_MODEL
-from orthrus_mlx.torch_ref.generate import generate
-from orthrus_mlx.torch_ref.loader import load
+from orthrus_mlx.torch_backend.generate import generate
+from orthrus_mlx.torch_backend.loader import load
 
 device = "cuda" if torch.cuda.is_available() else "cpu"
 model, tokenizer = load(DEFAULT_MODEL, device=device)

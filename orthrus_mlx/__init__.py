@@ -1,12 +1,13 @@
 """orthrus-mlx: exact, diffusion-drafted decoding of Orthrus (Qwen3) models on MLX."""
 
-from .decode import DecodeStats, SamplingParams
+from .core.sampling import SamplingParams
+from .core.step import DecodeStats
 
 try:
     from .generate import GenerationResponse, generate, mlx_generate, stream_generate
     from .loader import load, load_model, load_model_and_tokenizer
-    from .model import Model, ModelArgs
-except ModuleNotFoundError as e:  # the PyTorch backend (orthrus_mlx.torch_ref) runs without mlx
+    from .models.qwen3 import Model, ModelArgs
+except ModuleNotFoundError as e:  # the PyTorch backend (orthrus_mlx.torch_backend) runs without mlx
     if not (e.name or "").startswith("mlx"):
         raise
 

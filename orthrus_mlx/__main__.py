@@ -1,70 +1,8 @@
-"""`orthrus-mlx <command>` (or `python -m orthrus_mlx <command>`).
+"""`python -m orthrus_mlx <command>` is `orthrus-mlx <command>`."""
 
-Each command is a module with `add_arguments(parser)` and `run(args) -> int`,
-imported only when that command runs.
-"""
-
-import argparse
-import importlib
-import os
 import sys
-from typing import List, Optional
 
-COMMANDS = {
-    "generate": ("orthrus_mlx.cli_generate", "Generate text from a prompt"),
-    "chat": ("orthrus_mlx.chat", "Chat in the terminal, reusing the KV cache across turns"),
-    "server": ("orthrus_mlx.server", "OpenAI-compatible HTTP server"),
-    "convert": ("orthrus_convert.cli", "Convert a Hugging Face checkpoint to MLX"),
-    "bench": ("orthrus_mlx.bench", "Benchmark diffusion drafting against plain decoding"),
-}
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """Bad flags give one line on stderr and exit status 2, not the whole usage text."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
-def top_level_parser() -> argparse.ArgumentParser:
-    parser = ArgumentParser(
-        prog="orthrus-mlx",
-        description="Exact, diffusion-drafted decoding of Orthrus (Qwen3) models on MLX.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="commands:\n"
-        + "\n".join(f"  {name:<10} {help}" for name, (_, help) in COMMANDS.items())
-        + "\n\nRun `orthrus-mlx <command> --help` for a command's options.",
-    )
-    parser.add_argument("command", choices=list(COMMANDS), metavar="command")
-    return parser
-
-
-def main(argv: Optional[List[str]] = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    top = top_level_parser().parse_args(argv[:1])
-    name = top.command
-    prog = f"orthrus-mlx {name}"
-    module_name, help = COMMANDS[name]
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as e:
-        print(f"{prog}: error: not available in this installation ({e})", file=sys.stderr)
-        return 2
-
-    parser = ArgumentParser(prog=prog, description=help)
-    module.add_arguments(parser)
-    args = parser.parse_args(argv[1:])
-    try:
-        return module.run(args) or 0
-    except KeyboardInterrupt:
-        return 130
-    except BrokenPipeError:  # `orthrus-mlx generate ... | head`: the reader left, not an error
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0
-    except (ValueError, OSError) as e:  # bad values, missing model folders: one line, no traceback
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        return 1
-
+from .cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

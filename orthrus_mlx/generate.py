@@ -1,154 +1,18 @@
-"""MLX backend and the three generation layers: token ids -> text stream -> string."""
+"""The three generation layers over the MLX backend: token ids -> text stream -> string."""
 
 import time
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, List, Optional, Sequence, Union
 
 import mlx.core as mx
-import mlx.nn as nn
 from mlx_lm.generate import GenerationResponse as MLXGenerationResponse
-from mlx_lm.sample_utils import apply_top_k, apply_top_p
 
-from .costs import adaptive_policy, machine_key, remembering
-from .decode import (
-    AdaptiveBlock,
-    DecodeStats,
-    SamplingParams,
-    Scores,
-    as_token_list,
-    block_policy,
-    decode,
-    eos_set,
-    per_model,
-)
-from .model import Model
-from .passes import compiled_passes
-
-PREFILL_STEP_SIZE = 2048
-# Part of the step-cost cache key: change it when a change to the passes or the
-# weight layout changes what a step costs, so that old calibrations are not reused.
-STEP_IMPLEMENTATION = "compiled passes; float32 weights stored transposed on the CPU"
-
-
-def log_probs(logits: mx.array, params: SamplingParams) -> mx.array:
-    """Temperature, then top-k, then top-p; the same processing for both views."""
-    logits = logits.astype(mx.float32) / params.temperature
-    logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-    if 0 < params.top_k < logprobs.shape[-1]:
-        logprobs = apply_top_k(logprobs, params.top_k)
-    if params.top_p < 1.0:
-        logprobs = apply_top_p(logprobs, params.top_p)
-    return logprobs - mx.logsumexp(logprobs, axis=-1, keepdims=True)
-
-
-class MLXBackend:
-    """The model passes of one generation over an explicit per-layer KV cache."""
-
-    def __init__(self, model: Model, cache: List[Any], seed: Optional[int] = None):
-        self.model = model
-        self.cache = cache
-        self.passes = compiled_passes(model)
-        self.vocab_size = model.args.vocab_size
-        self.max_positions = model.args.max_position_embeddings
-        self.key = mx.random.key(seed) if seed is not None else None
-
-    def next_key(self) -> Optional[mx.array]:
-        if self.key is None:
-            return None
-        self.key, key = mx.random.split(self.key)
-        return key
-
-    def sample(self, logits: mx.array, params: SamplingParams) -> mx.array:
-        if params.greedy:
-            return mx.argmax(logits, axis=-1).astype(mx.int32)
-        lp = log_probs(logits, params)
-        return mx.random.categorical(lp, key=self.next_key()).astype(mx.int32)
-
-    def prefill(self, tokens: Sequence[int], params: SamplingParams) -> int:
-        tokens = mx.array(tokens, dtype=mx.int32)
-        while tokens.size > PREFILL_STEP_SIZE:
-            self.model(tokens[None, :PREFILL_STEP_SIZE], cache=self.cache)
-            mx.eval([c.state for c in self.cache])
-            tokens = tokens[PREFILL_STEP_SIZE:]
-        logits = self.model(tokens[None], cache=self.cache)[0, -1]
-        return self.sample(logits, params).item()
-
-    def draft(self, token: int, length: int, params: SamplingParams):
-        block = mx.array([[token] + [self.model.mask_token_id] * (length - 1)])
-        logits = self.passes(block, self.cache, "draft")[0, :-1]
-        q = None if params.greedy else log_probs(logits, params)
-        d = self.sample(logits, params) if q is None else mx.random.categorical(q, key=self.next_key()).astype(mx.int32)
-        # The draft computes while the verify pass's graph is being built.
-        mx.async_eval(d, q) if q is not None else mx.async_eval(d)
-        return d, q
-
-    def verify(self, token: int, drafted, params: SamplingParams) -> Scores:
-        d, q = drafted if drafted is not None else (mx.zeros((0,), mx.int32), None)
-        block = mx.concatenate([mx.array([token], dtype=mx.int32), d])
-        logits = self.passes(block[None], self.cache, "verify")[0]
-        if params.greedy:
-            target = self.sample(logits, params)
-            mx.eval(d, target)
-            return Scores(d.tolist(), target.tolist())
-
-        p = log_probs(logits, params)
-        if q is None:
-            target = mx.random.categorical(p, key=self.next_key())
-            return Scores([], target.tolist())
-        p_d = mx.take_along_axis(p[:-1], d[:, None], axis=-1)[:, 0]
-        q_d = mx.take_along_axis(q, d[:, None], axis=-1)[:, 0]
-        ratio = mx.exp(p_d - q_d)
-        # A bonus candidate for every possible rejection point, drawn at once;
-        # the host keeps the one at the first rejection.
-        residual = mx.maximum(mx.exp(p[:-1]) - mx.exp(q), 0.0)
-        has_mass = residual.sum(axis=-1, keepdims=True) > 0
-        residual = mx.where(has_mass, mx.log(residual), p[:-1])
-        target = mx.random.categorical(
-            mx.concatenate([residual, p[-1:]]), key=self.next_key()
-        )
-        mx.eval(d, target, ratio)
-        return Scores(d.tolist(), target.tolist(), ratio.tolist())
-
-    def trim(self, n: int) -> None:
-        for c in self.cache:
-            c.trim(n)
-
-    def cache_length(self) -> int:
-        return self.cache[0].offset
-
-
-def model_key(model: Model) -> str:
-    """MLX version, device, architecture, dtype and quantization of a model, on this machine."""
-    quant = [
-        (name, m.bits, m.group_size)
-        for name, m in model.named_modules()
-        if isinstance(m, nn.QuantizedLinear) and name.startswith("model.layers.0.")
-    ]
-    layer = model.layers[0].self_attn
-    return machine_key(
-        "mlx", mx.__version__, str(mx.default_device()), STEP_IMPLEMENTATION, repr(model.args),
-        str(layer.q_proj.weight.dtype), repr(sorted(quant)),
-    )
-
-
-def adaptive_block(model: Model) -> AdaptiveBlock:
-    """The adaptive policy over this machine's measured step costs for `model`.
-
-    One per model object: its acceptance statistics carry over from one
-    generation to the next, so a new prompt does not relearn them, and are
-    kept with the step costs, so a new process does not either.
-    """
-
-    make_backend = lambda: MLXBackend(model, model.make_cache())
-    make = lambda: adaptive_policy(model_key(model), weights_fingerprint(model), make_backend, model.block_size)
-    return per_model(model, "_adaptive_block", make)
-
-
-def weights_fingerprint(model: Model) -> str:
-    """A few weights of both views, so that two checkpoints of one shape learn apart."""
-    first, last = model.layers[0].self_attn, model.layers[-1].self_attn
-    sample = [first.q_proj.weight, first.q_proj_diff.weight, last.o_proj_diff.weight]
-    return repr([w[0, :8].astype(mx.float32).tolist() for w in sample])
+from .backend import MLXBackend, adaptive_block
+from .core.costs import remembering
+from .core.policy import block_policy
+from .core.sampling import SamplingParams
+from .core.step import DecodeStats, as_token_list, decode, eos_set
+from .models.qwen3 import Model
 
 
 def mlx_generate(

@@ -9,7 +9,7 @@ from mlx.utils import tree_flatten, tree_map
 from mlx_lm.utils import load_model as mlx_lm_load_model
 from mlx_lm.utils import load_tokenizer
 
-from .checkpoint import (  # noqa: F401  (re-exported: the loader's public helpers)
+from .core.checkpoint import (  # noqa: F401  (re-exported: the loader's public helpers)
     HUB_FILES,
     check_diffusion_config,
     check_orthrus_fields,
@@ -21,7 +21,7 @@ from .checkpoint import (  # noqa: F401  (re-exported: the loader's public helpe
     resolve_model_path,
     weight_files,
 )
-from .model import Model, ModelArgs
+from .models.qwen3 import Model, ModelArgs
 
 # The small trained checkpoint the repo ships: the default of every command.
 DEFAULT_MODEL = Path(__file__).parent / "assets" / "orthrus-tiny"

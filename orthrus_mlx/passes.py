@@ -18,8 +18,8 @@ from typing import Any, Callable, List, Optional
 import mlx.core as mx
 import mlx.nn as nn
 
-from .decode import per_model
-from .model import Model
+from .core.step import per_model
+from .models.qwen3 import Model
 
 
 def _projections(attn, view: str):

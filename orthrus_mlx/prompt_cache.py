@@ -2,7 +2,7 @@
 
 from typing import Any, List, Sequence
 
-from .model import Model
+from .models.qwen3 import Model
 
 
 def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:

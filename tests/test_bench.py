@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from orthrus_mlx.__main__ import main
-from orthrus_mlx.bench import parse_block_sizes, parse_modes
+from orthrus_mlx.cli import main
+from orthrus_mlx.cli.bench import parse_block_sizes, parse_modes
 from orthrus_mlx.testing import random_checkpoint, tiny_config
 
 

@@ -15,9 +15,9 @@ import pytest
 from cli_helpers import SHIPPED, cli_env, expected_prefill, run_cli_many
 
 from orthrus_mlx import generate, mlx_generate
-from orthrus_mlx.__main__ import main
-from orthrus_mlx.chat import ChatSession
-from orthrus_mlx.cli_generate import chat_prompt
+from orthrus_mlx.cli import main
+from orthrus_mlx.cli.chat import ChatSession
+from orthrus_mlx.cli.flags import chat_prompt
 
 MAX_TOKENS = 16
 SYSTEM = "You are a helpful assistant."
@@ -69,7 +69,7 @@ def test_three_turns_equal_fresh_runs_and_prefill_only_new_tokens(runs, loaded):
     assert out.returncode == 0, out.stderr
     turns, stats = parse_turns(out.stdout)
     assert len(turns) == 5 and turns[3] is None  # three turns, /reset, one more turn
-    messages, cached = [], []
+    messages, cached, previous_prompt_length = [], [], 0
     for i, question in enumerate(QUESTIONS):
         answer, footer, prefilled, was_cached = turns[i]
         messages.append({"role": "user", "content": question})

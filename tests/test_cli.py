@@ -8,8 +8,8 @@ import pytest
 from cli_helpers import SHIPPED, run_cli_many
 
 from orthrus_mlx import generate
-from orthrus_mlx.__main__ import COMMANDS, main
-from orthrus_mlx.cli_generate import chat_prompt, command_block_size
+from orthrus_mlx.cli import COMMANDS, main
+from orthrus_mlx.cli.flags import chat_prompt, command_block_size
 
 MAX_TOKENS = 12
 PROMPT = "Tell me about the sea."

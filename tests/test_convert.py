@@ -381,7 +381,7 @@ def test_cli_converts_and_reports_errors(source, tmp_path, capsys):
     assert "exists and is not empty; pass --force" in capsys.readouterr().err
     assert cli.main(argv + ["--force"]) == 0
 
-    from orthrus_mlx.__main__ import main as orthrus_mlx_main  # `orthrus-mlx convert ...`
+    from orthrus_mlx.cli import main as orthrus_mlx_main  # `orthrus-mlx convert ...`
 
     assert orthrus_mlx_main(["convert"] + argv) == 1
     assert "orthrus-mlx convert: error: --mlx-path" in capsys.readouterr().err

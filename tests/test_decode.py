@@ -7,10 +7,12 @@ from mlx_lm.generate import generate_step
 from mlx_lm.models import qwen3
 
 from orthrus_mlx import DecodeStats, load_model, mlx_generate
-from orthrus_mlx.bench import randomize_diffusion
-from orthrus_mlx.costs import machine_key
-from orthrus_mlx.decode import AdaptiveBlock, SamplingParams, Scores, accept, decode
-from orthrus_mlx.generate import adaptive_block
+from orthrus_mlx.cli.bench import randomize_diffusion
+from orthrus_mlx.core.costs import machine_key
+from orthrus_mlx.core.policy import AdaptiveBlock
+from orthrus_mlx.core.sampling import SamplingParams
+from orthrus_mlx.core.step import Scores, accept, decode
+from orthrus_mlx.backend import adaptive_block
 from orthrus_mlx.testing import random_weights, save_checkpoint, tiny_config
 
 
@@ -267,6 +269,7 @@ def test_adaptive_mode_is_exact_and_drafts(small_vocab_checkpoint, tmp_path, mon
 def test_step_costs_are_kept_apart_per_blas_setting(monkeypatch):
     """A calibration without a preloaded BLAS (~40x slower matrix products) must not serve one with it."""
     monkeypatch.delenv("LD_PRELOAD", raising=False)
+    monkeypatch.delenv("OPENBLAS_NUM_THREADS", raising=False)
     plain = machine_key("mlx", "model")
     monkeypatch.setenv("LD_PRELOAD", "/usr/lib/x86_64-linux-gnu/libopenblas.so.0")
     preloaded = machine_key("mlx", "model")

@@ -15,8 +15,8 @@ import pytest
 from cli_helpers import cli_env, common_prefix
 
 from orthrus_mlx import generate, mlx_generate
-from orthrus_mlx.cli_generate import chat_prompt
-from orthrus_mlx.server import App, FifoLock, StopStrings
+from orthrus_mlx.cli.flags import chat_prompt
+from orthrus_mlx.cli.server import App, FifoLock, StopStrings
 
 MAX_TOKENS = 12
 MESSAGES = [{"role": "user", "content": "Name three colours."}]

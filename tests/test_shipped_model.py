@@ -12,7 +12,7 @@ import pytest
 
 import orthrus_mlx
 from orthrus_mlx import load, mlx_generate
-from orthrus_mlx.decode import DecodeStats
+from orthrus_mlx.core.step import DecodeStats
 
 ASSET = Path(os.environ.get("ORTHRUS_TINY", Path(orthrus_mlx.__file__).parent / "assets" / "orthrus-tiny"))
 MAX_TOKENS = 64

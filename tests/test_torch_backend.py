@@ -1,6 +1,6 @@
 """The PyTorch backend against the MLX one: same logits, same greedy tokens, same sampling law.
 
-Both backends run the one decoding step of `orthrus_mlx.decode`; these tests load the same
+Both backends run the one decoding step of `orthrus_mlx.core.step`; these tests load the same
 random HF-layout checkpoint into both.
 """
 
@@ -14,13 +14,15 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from orthrus_mlx.decode import DecodeStats, SamplingParams, decode  # noqa: E402
-from orthrus_mlx.generate import MLXBackend, mlx_generate  # noqa: E402
+from orthrus_mlx.core.sampling import SamplingParams
+from orthrus_mlx.core.step import DecodeStats, decode  # noqa: E402
+from orthrus_mlx.backend import MLXBackend
+from orthrus_mlx.generate import mlx_generate  # noqa: E402
 from orthrus_mlx.loader import load_model as mlx_load_model  # noqa: E402
 from orthrus_mlx.testing import random_weights, save_checkpoint, tiny_config  # noqa: E402
-from orthrus_mlx.torch_ref.backend import TorchBackend, apply_top_p, log_probs  # noqa: E402
-from orthrus_mlx.torch_ref.generate import torch_generate  # noqa: E402
-from orthrus_mlx.torch_ref.loader import load_model  # noqa: E402
+from orthrus_mlx.torch_backend.backend import TorchBackend, apply_top_p, log_probs  # noqa: E402
+from orthrus_mlx.torch_backend.generate import torch_generate  # noqa: E402
+from orthrus_mlx.torch_backend.loader import load_model  # noqa: E402
 from reference import NaiveOrthrus, chi_square_p, exact_distribution, softmax  # noqa: E402
 
 
@@ -158,8 +160,8 @@ def test_text_generation_equals_mlx(tmp_path_factory):
     from orthrus_mlx import generate as mlx_generate_text
     from orthrus_mlx import load as mlx_load
     from orthrus_mlx.testing import random_checkpoint
-    from orthrus_mlx.torch_ref.generate import generate
-    from orthrus_mlx.torch_ref.loader import load
+    from orthrus_mlx.torch_backend.generate import generate
+    from orthrus_mlx.torch_backend.loader import load
 
     path = random_checkpoint(tmp_path_factory.mktemp("ck"), tiny_config(), seed=9)
     model, tokenizer = load(path, device="cpu")
@@ -241,7 +243,7 @@ def test_same_seed_same_output(small_vocab):
 
 
 def test_log_probs_equal_mlx_processing():
-    from orthrus_mlx.generate import log_probs as mlx_log_probs
+    from orthrus_mlx.backend import log_probs as mlx_log_probs
 
     logits = np.random.default_rng(0).standard_normal((5, 40)).astype(np.float32) * 3
     for params in [
@@ -317,7 +319,7 @@ def test_torch_ref_imports_no_mlx():
         "        if name.split('.')[0] in ('mlx', 'mlx_lm'):\n"
         "            raise ModuleNotFoundError(f'No module named {name!r}', name=name)\n"
         "sys.meta_path.insert(0, Block())\n"
-        "import orthrus_mlx.torch_ref.generate, orthrus_mlx.torch_ref.loader\n"
+        "import orthrus_mlx.torch_backend.generate, orthrus_mlx.torch_backend.loader\n"
         "assert not any(m.split('.')[0] in ('mlx', 'mlx_lm') for m in sys.modules)\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

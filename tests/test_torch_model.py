@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from orthrus_mlx.torch_ref.model import Model, ModelArgs
+from orthrus_mlx.torch_backend.model import Model, ModelArgs
 
 mx = pytest.importorskip("mlx.core")
 qwen3 = pytest.importorskip("mlx_lm.models.qwen3")

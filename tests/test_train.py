@@ -5,7 +5,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from orthrus_mlx.torch_ref.model import Model, ModelArgs  # noqa: E402
+from orthrus_mlx.torch_backend.model import Model, ModelArgs  # noqa: E402
 from orthrus_mlx.train.base import BaseTrainConfig, train_base  # noqa: E402
 from orthrus_mlx.train.diffusion import DiffusionTrainConfig, train_diffusion  # noqa: E402
 from orthrus_mlx.train.evaluate import ar_greedy, orthrus_greedy  # noqa: E402

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -10,7 +9,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from orthrus_mlx.torch_ref.model import Model
+from orthrus_mlx.torch_backend.model import Model
 
 from .data import fixed_windows, random_windows
 from .schedule import Budget, cosine_lr

@@ -7,7 +7,6 @@ learns the frozen base's next-token distribution for position s+i+1 (its AR logi
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence, Tuple
 
@@ -15,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from orthrus_mlx.torch_ref.model import Model
+from orthrus_mlx.torch_backend.model import Model
 
 from .data import fixed_windows, random_windows
 from .schedule import Budget, cosine_lr

@@ -13,7 +13,7 @@ from typing import Dict, List, Sequence
 
 import torch
 
-from orthrus_mlx.torch_ref.model import Model
+from orthrus_mlx.torch_backend.model import Model
 
 from .views import ar_pass, block_inputs, diffusion_pass
 

@@ -11,7 +11,7 @@ from typing import Any, Dict
 import torch
 from safetensors.torch import load_file, save_file
 
-from orthrus_mlx.torch_ref.model import Model, ModelArgs
+from orthrus_mlx.torch_backend.model import Model, ModelArgs
 
 
 def hf_config(args: ModelArgs, eos_token_id: int) -> Dict[str, Any]:

@@ -11,7 +11,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from orthrus_mlx.torch_ref.model import Model, ModelArgs
+from orthrus_mlx.torch_backend.model import Model, ModelArgs
 
 from . import corpus, tokenizer
 from .base import BaseTrainConfig, train_base

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from orthrus_mlx.torch_ref.model import Model
+from orthrus_mlx.torch_backend.model import Model
 
 from .data import random_windows
 from .views import KV, ar_pass

@@ -11,7 +11,7 @@ from typing import List, Tuple
 
 import torch
 
-from orthrus_mlx.torch_ref.model import Model
+from orthrus_mlx.torch_backend.model import Model
 
 KV = List[Tuple[torch.Tensor, torch.Tensor]]
 

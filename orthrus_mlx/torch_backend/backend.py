@@ -1,7 +1,7 @@
-"""The PyTorch backend of the shared decoding step (`orthrus_mlx.decode.Backend`).
+"""The PyTorch backend of the shared decoding step (`orthrus_mlx.core.step.Backend`).
 
 It supplies the model passes, the cache trim and the sampling arithmetic; drafting,
-verifying, accepting and committing are `orthrus_mlx.decode`'s. Sampling is the MLX
+verifying, accepting and committing are `orthrus_mlx.core.step`'s. Sampling is the MLX
 backend's, operation for operation: temperature, then top-k, then top-p, renormalised.
 """
 
@@ -9,7 +9,8 @@ from typing import Callable, Optional, Sequence, Tuple
 
 import torch
 
-from ..decode import SamplingParams, Scores
+from ..core.sampling import SamplingParams
+from ..core.step import Scores
 from .cache import KVCache
 from .model import Model
 

@@ -15,9 +15,9 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from orthrus_mlx.checkpoint import read_safetensors_header, resolve_model_path, weight_files
+from orthrus_mlx.core.checkpoint import read_safetensors_header, resolve_model_path, weight_files
 from orthrus_mlx.loader import check_tensors, model_args
-from orthrus_mlx.model import Model, ModelArgs
+from orthrus_mlx.models.qwen3 import Model, ModelArgs
 
 # safetensors dtype -> bytes per element; the only dtypes a float checkpoint may hold.
 FLOAT_DTYPES = {"F32": 4, "F16": 2, "BF16": 2}

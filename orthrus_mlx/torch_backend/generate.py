@@ -4,8 +4,10 @@ from typing import Iterable, Iterator, Optional, Sequence, Union
 
 import torch
 
-from ..costs import CONTEXT, adaptive_policy, machine_key, remembering
-from ..decode import AdaptiveBlock, DecodeStats, SamplingParams, as_token_list, block_policy, decode, eos_set, per_model
+from ..core.costs import CONTEXT, adaptive_policy, machine_key, remembering
+from ..core.policy import AdaptiveBlock, block_policy
+from ..core.sampling import SamplingParams
+from ..core.step import DecodeStats, as_token_list, decode, eos_set, per_model
 from .backend import TorchBackend
 from .cache import KVCache
 from .model import Model

@@ -26,11 +26,11 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 from mlx_lm.generate import stream_generate as mlx_lm_stream_generate
 
-from .checkpoint import resolve_model_path
-from .cli_generate import add_model_arguments
-from .decode import DecodeStats
-from .generate import stream_generate
-from .loader import DEFAULT_MODEL, DTYPES, load
+from ..core.checkpoint import resolve_model_path
+from .flags import add_model_arguments
+from ..core.step import DecodeStats
+from ..generate import stream_generate
+from ..loader import DEFAULT_MODEL, DTYPES, load
 
 MODES = ("mlx-lm", "ar", "orthrus", "auto")
 PROMPTS_FILE = "heldout_prompts.json"

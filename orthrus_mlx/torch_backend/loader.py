@@ -10,7 +10,7 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 import torch
 from safetensors import safe_open
 
-from ..checkpoint import (
+from ..core.checkpoint import (
     check_diffusion_config,
     check_orthrus_fields,
     check_tensor_shapes,

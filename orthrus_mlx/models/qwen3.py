@@ -14,7 +14,6 @@ import mlx.nn as nn
 from mlx_lm.models import qwen3
 from mlx_lm.models.cache import KVCache
 
-from .checkpoint import DIFFUSION_PARAMS  # noqa: F401  (re-exported)
 
 
 

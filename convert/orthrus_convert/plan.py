@@ -6,7 +6,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import mlx.core as mx
 
-from orthrus_mlx.model import DIFFUSION_PARAMS
+from orthrus_mlx.core.checkpoint import DIFFUSION_PARAMS
 
 from .source import Source
 

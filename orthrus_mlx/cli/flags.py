@@ -1,20 +1,14 @@
-"""`orthrus-mlx generate`: one prompt in, text out, with mlx-lm's flags.
+"""The flags `generate`, `chat`, `server` and `bench` share, defined once, and what they map onto.
 
-The model, sampling and chat-template flags are defined here once and shared by
-`chat` and `server`, so the three commands spell every option the same way.
+Every option is spelled the same way in every command, as in mlx-lm.
 """
 
 import argparse
 import json
-import sys
 from typing import Any, Dict, List, Optional, Union
 
-from .decode import SamplingParams
-from .generate import generate
-from .loader import DEFAULT_MODEL, load
-
-DEFAULT_PROMPT = "hello"
-DEFAULT_MAX_TOKENS = 256
+from ..core.sampling import SamplingParams
+from ..loader import DEFAULT_MODEL, load
 
 
 def str2bool(value: str) -> bool:
@@ -100,28 +94,6 @@ def add_chat_template_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_model_arguments(parser)
-    parser.add_argument(
-        "--prompt", "-p", default=DEFAULT_PROMPT, help="Message to be processed by the model ('-' reads stdin)"
-    )
-    add_chat_template_arguments(parser)
-    parser.add_argument(
-        "--ignore-chat-template",
-        action="store_true",
-        help="Use the raw prompt without the tokenizer's chat template",
-    )
-    add_sampling_arguments(parser, DEFAULT_MAX_TOKENS)
-    parser.add_argument(
-        "--verbose",
-        type=str2bool,
-        nargs="?",
-        const=True,
-        default=False,
-        help="Print prompt and generation speed, tokens per step and peak memory",
-    )
-
-
 def sampling_params(args: argparse.Namespace) -> SamplingParams:
     """Check the sampling flags before the (slow) model load; raises ValueError."""
     if args.seed is not None and not 0 <= args.seed < 2**64:
@@ -176,26 +148,3 @@ def with_system(system_prompt: Optional[str], messages: List[Dict[str, Any]]) ->
     if system_prompt is None:
         return list(messages)
     return [{"role": "system", "content": system_prompt}] + list(messages)
-
-
-def run(args: argparse.Namespace) -> int:
-    sampling_params(args)
-    kwargs = template_kwargs(args)
-    prompt = args.prompt.replace("\\n", "\n").replace("\\t", "\t")
-    if prompt == "-":
-        prompt = sys.stdin.read()
-    model, tokenizer = load_from_args(args)
-    if not args.ignore_chat_template and tokenizer.has_chat_template:
-        messages = with_system(args.system_prompt, [{"role": "user", "content": prompt}])
-        prompt = chat_prompt(tokenizer, messages, kwargs)
-    text = generate(
-        model,
-        tokenizer,
-        prompt,
-        verbose=args.verbose,
-        max_tokens=args.max_tokens,
-        **generation_kwargs(args),
-    )
-    if not args.verbose:
-        print(text, flush=True)
-    return 0

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
-from .cli_generate import (
+from .flags import (
     add_chat_template_arguments,
     add_model_arguments,
     add_sampling_arguments,
@@ -28,10 +28,11 @@ from .cli_generate import (
     template_kwargs,
     with_system,
 )
-from .decode import DecodeStats, SamplingParams
-from .generate import stream_generate
-from .loader import DEFAULT_MODEL
-from .prompt_cache import PromptCachePool
+from ..core.sampling import SamplingParams
+from ..core.step import DecodeStats
+from ..generate import stream_generate
+from ..loader import DEFAULT_MODEL
+from ..prompt_cache import PromptCachePool
 
 MAX_BODY_BYTES = 1 << 20
 DISCONNECTS = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError, TimeoutError)

@@ -20,7 +20,9 @@ import time
 from pathlib import Path
 from typing import Callable, Iterator, List, Tuple, Union
 
-from .decode import AdaptiveBlock, Backend, SamplingParams
+from .policy import AdaptiveBlock
+from .sampling import SamplingParams
+from .step import Backend
 
 CALIBRATION_LENGTHS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 CONTEXTS = (64, 512)

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterator, List, Optional
 
-from .cli_generate import (
+from .flags import (
     add_chat_template_arguments,
     add_model_arguments,
     add_sampling_arguments,
@@ -25,9 +25,9 @@ from .cli_generate import (
     template_kwargs,
     with_system,
 )
-from .decode import DecodeStats
-from .generate import stream_generate
-from .prompt_cache import PromptCache
+from ..core.step import DecodeStats
+from ..generate import stream_generate
+from ..prompt_cache import PromptCache
 
 HELP = "/reset starts over, /stats shows the figures, /quit (or Ctrl-D) ends; Ctrl-C stops an answer."
 

@@ -1,0 +1,66 @@
+"""`orthrus-mlx generate`: one prompt in, text out, with mlx-lm's flags."""
+
+import argparse
+import sys
+
+from ..generate import generate
+from .flags import (
+    add_chat_template_arguments,
+    add_model_arguments,
+    add_sampling_arguments,
+    chat_prompt,
+    generation_kwargs,
+    load_from_args,
+    sampling_params,
+    str2bool,
+    template_kwargs,
+    with_system,
+)
+
+DEFAULT_PROMPT = "hello"
+DEFAULT_MAX_TOKENS = 256
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model_arguments(parser)
+    parser.add_argument(
+        "--prompt", "-p", default=DEFAULT_PROMPT, help="Message to be processed by the model ('-' reads stdin)"
+    )
+    add_chat_template_arguments(parser)
+    parser.add_argument(
+        "--ignore-chat-template",
+        action="store_true",
+        help="Use the raw prompt without the tokenizer's chat template",
+    )
+    add_sampling_arguments(parser, DEFAULT_MAX_TOKENS)
+    parser.add_argument(
+        "--verbose",
+        type=str2bool,
+        nargs="?",
+        const=True,
+        default=False,
+        help="Print prompt and generation speed, tokens per step and peak memory",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    sampling_params(args)
+    kwargs = template_kwargs(args)
+    prompt = args.prompt.replace("\\n", "\n").replace("\\t", "\t")
+    if prompt == "-":
+        prompt = sys.stdin.read()
+    model, tokenizer = load_from_args(args)
+    if not args.ignore_chat_template and tokenizer.has_chat_template:
+        messages = with_system(args.system_prompt, [{"role": "user", "content": prompt}])
+        prompt = chat_prompt(tokenizer, messages, kwargs)
+    text = generate(
+        model,
+        tokenizer,
+        prompt,
+        verbose=args.verbose,
+        max_tokens=args.max_tokens,
+        **generation_kwargs(args),
+    )
+    if not args.verbose:
+        print(text, flush=True)
+    return 0
