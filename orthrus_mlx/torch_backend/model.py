@@ -1,9 +1,10 @@
-"""Standalone PyTorch Orthrus model (Qwen3 + the diffusion view's tensors).
+"""Standalone PyTorch Orthrus model: a Qwen3 or Llama base plus the diffusion view's tensors.
 
-Parameter names equal the Hugging Face checkpoint keys of ORTHRUS.md, so `state_dict()` can be
-written to / read from `model.safetensors` without renaming. Numerics follow mlx-lm's qwen3 in
-float32: RMSNorm in float32, non-interleaved ("rotate half") RoPE, per-head q/k norms before RoPE,
-GQA with the query head h reading key/value head h // (n_heads / n_kv_heads).
+Parameter names equal the Hugging Face checkpoint keys (docs/DESIGN.md section 1), so
+`state_dict()` can be written to / read from `model.safetensors` without renaming. Numerics follow
+mlx-lm's qwen3 / llama in float32: RMSNorm in float32, non-interleaved ("rotate half") RoPE,
+per-head q/k norms before RoPE where the base has them (Qwen3; Llama has none), GQA with the
+query head h reading key/value head h // (n_heads / n_kv_heads).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ class ModelArgs:
     block_size: Optional[int] = None
     mask_token_id: Optional[int] = None
     eos_token_id: Union[int, List[int], None] = None
+    model_type: str = "qwen3"
 
     @classmethod
     def from_dict(cls, config: Dict[str, Any]) -> "ModelArgs":
@@ -42,7 +44,16 @@ class ModelArgs:
         kwargs = {k: v for k, v in config.items() if k in names}
         if "rope_theta" not in kwargs and config.get("rope_parameters"):
             kwargs["rope_theta"] = config["rope_parameters"]["rope_theta"]
+        if "head_dim" not in kwargs:
+            kwargs["head_dim"] = config["hidden_size"] // config["num_attention_heads"]
+        if kwargs.get("model_type", "qwen3") not in ("qwen3", "llama"):
+            raise ValueError(f"model_type {kwargs['model_type']!r} is not supported (qwen3, llama)")
         return cls(**kwargs)
+
+    @property
+    def qk_norm(self) -> bool:
+        """Qwen3 normalises each head's queries and keys; Llama does not."""
+        return self.model_type == "qwen3"
 
     @property
     def has_diffusion(self) -> bool:
@@ -98,8 +109,9 @@ class Attention(nn.Module):
             setattr(self, "k_proj" + suffix, nn.Linear(dim, kv_dim, bias=False))
             setattr(self, "v_proj" + suffix, nn.Linear(dim, kv_dim, bias=False))
             setattr(self, "o_proj" + suffix, nn.Linear(q_dim, dim, bias=False))
-            setattr(self, "q_norm" + suffix, RMSNorm(self.head_dim, args.rms_norm_eps))
-            setattr(self, "k_norm" + suffix, RMSNorm(self.head_dim, args.rms_norm_eps))
+            norm = (lambda: RMSNorm(self.head_dim, args.rms_norm_eps)) if args.qk_norm else nn.Identity
+            setattr(self, "q_norm" + suffix, norm())
+            setattr(self, "k_norm" + suffix, norm())
 
     def qkv(
         self, x: torch.Tensor, positions: torch.Tensor, diffusion: bool = False
@@ -207,7 +219,7 @@ class DecoderLayer(nn.Module):
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
-class Qwen3Model(nn.Module):
+class Decoder(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
@@ -226,7 +238,7 @@ class Model(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
-        self.model = Qwen3Model(args)
+        self.model = Decoder(args)
         if not args.tie_word_embeddings:
             self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
 
@@ -240,7 +252,7 @@ class Model(nn.Module):
         """AR view: logits [B, T, V] for positions 0..T-1."""
         return self.logits(self.model(input_ids))
 
-    # Inference over a preallocated KV cache (ORTHRUS.md sections 2-4).
+    # Inference over a preallocated KV cache (docs/DESIGN.md sections 2-4).
 
     @property
     def block_size(self) -> Optional[int]:
@@ -327,6 +339,8 @@ class Model(nn.Module):
             for layer in self.model.layers:
                 attn = layer.self_attn
                 for name in ("q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm"):
+                    if isinstance(getattr(attn, name), nn.Identity):
+                        continue  # no q/k norm in this architecture
                     getattr(attn, name + "_diff").weight.copy_(getattr(attn, name).weight)
 
     def diffusion_parameters(self) -> Dict[str, nn.Parameter]:

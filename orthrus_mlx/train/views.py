@@ -18,6 +18,12 @@ KV = List[Tuple[torch.Tensor, torch.Tensor]]
 
 def ar_pass(model: Model, ids: torch.Tensor) -> Tuple[torch.Tensor, KV]:
     """AR logits [B, T, V] and per-layer (k, v) [B, Hkv, T, D] at positions 0..T-1."""
+    hidden, kvs = ar_hidden(model, ids)
+    return model.logits(hidden), kvs
+
+
+def ar_hidden(model: Model, ids: torch.Tensor) -> Tuple[torch.Tensor, KV]:
+    """The AR view's final normed hidden states [B, T, D] (before the head) and its keys/values."""
     positions = torch.arange(ids.shape[1], device=ids.device)
     h = model.model.embed_tokens(ids)
     kvs = []
@@ -27,7 +33,7 @@ def ar_pass(model: Model, ids: torch.Tensor) -> Tuple[torch.Tensor, KV]:
         kvs.append((k, v))
         h = h + attn.attend(q, k, v, None, is_causal=True)
         h = h + layer.mlp(layer.post_attention_layernorm(h))
-    return model.logits(model.model.norm(h)), kvs
+    return model.model.norm(h), kvs
 
 
 def block_inputs(

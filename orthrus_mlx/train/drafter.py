@@ -1,0 +1,319 @@
+"""Train an Orthrus drafter adapter for a base model the user already has.
+
+    python -m orthrus_mlx.train.drafter --base BASE --run RUN_DIR [--minutes 60]
+
+BASE is a Hugging Face folder or repo id, or a GGUF file. Stages, each resumable from RUN_DIR:
+1. rollouts: the base's own greedy answers to chat prompts of many kinds (questions,
+   instructions, writing, code, reasoning, chat), under its chat template (mlx-lm's
+   `batch_generate`); held-out prompts get answers too, for evaluation only.
+2. distill: the diffusion projections start as copies of the AR ones and learn, by KL
+   distillation against the frozen base, to predict the base's next-token distribution at every
+   index of a block [x_s, MASK, ...] drawn inside an answer. Checkpoints every few minutes; a
+   rerun continues where the last one stopped.
+3. export: the adapter folder (diffusion tensors + a config naming its base).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from orthrus_mlx.torch_backend.model import Model, ModelArgs
+
+from .chat_prompts import heldout_prompts, training_prompts
+from .diffusion import freeze_base, kl_loss
+from .schedule import cosine_lr
+from .views import ar_hidden, block_inputs, diffusion_pass
+
+
+@dataclass
+class DistillConfig:
+    steps: int = 2000
+    minutes: Optional[float] = None  # wall-clock budget of this invocation (resume continues)
+    batch: int = 4
+    block_sizes: Tuple[int, ...] = (4, 8, 16)
+    # Blocks per sequence = this // K: many blocks share one AR pass over the sequence.
+    block_tokens_per_seq: int = 128
+    lr: float = 3e-4
+    warmup: int = 20
+    seed: int = 0
+    eval_every: int = 50
+    checkpoint_minutes: float = 5.0
+    bf16: bool = False  # autocast the passes to bfloat16 (for GPUs; not faster on the CPUs tried)
+
+
+# ---- the base -------------------------------------------------------------------------
+
+
+def is_gguf(source: str) -> bool:
+    return str(source).endswith(".gguf")
+
+
+def base_weights(source: str) -> Tuple[Dict[str, np.ndarray], dict, object]:
+    """(float32 weights under Hugging Face names, config, Hugging Face tokenizer) of any base."""
+    if is_gguf(source):
+        from orthrus_mlx.gguf import build_tokenizer, dequantized, read_gguf
+
+        config, weights, meta = read_gguf(source)
+        return dequantized(weights, config), config, build_tokenizer(meta)
+    from safetensors.numpy import load_file
+    from transformers import AutoTokenizer
+
+    from orthrus_mlx.core.checkpoint import read_config, resolve_model_path, weight_files
+
+    path = resolve_model_path(source)
+    weights = {}
+    for f in weight_files(path):
+        weights.update({k: v.astype(np.float32) for k, v in load_file(str(f)).items()})
+    return weights, read_config(path), AutoTokenizer.from_pretrained(str(path))
+
+
+def torch_base(weights: Dict[str, np.ndarray], config: dict, block_size: int, mask_token_id: int) -> Model:
+    """The frozen base in the PyTorch model, its diffusion view a copy of the AR view."""
+    fields = {k: v for k, v in config.items() if k != "quantization"}
+    args = ModelArgs.from_dict({**fields, "block_size": block_size, "mask_token_id": mask_token_id})
+    model = Model(args)
+    state = {k: torch.from_numpy(v) for k, v in weights.items() if k in model.state_dict()}
+    if args.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    missing = [k for k in model.state_dict() if k not in state and "_diff" not in k]
+    if missing:
+        raise ValueError(f"The base lacks tensors: {missing[:5]}")
+    model.load_state_dict(state, strict=False)
+    model.copy_ar_to_diffusion()
+    return model.eval()
+
+
+# ---- stage 1: rollouts ------------------------------------------------------------------
+
+
+def chat_ids(tokenizer, prompt: str) -> List[int]:
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+    )
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def make_rollouts(source: str, prompts: Sequence[str], path: Path, max_tokens: int, batch: int = 32) -> None:
+    """Append the base's greedy answers to `path` (jsonl), skipping prompts already answered."""
+    import mlx.core as mx
+    from mlx_lm.generate import batch_generate
+    from mlx_lm.models import llama, qwen3
+    from mlx_lm.tokenizer_utils import TokenizerWrapper
+
+    done = {r["prompt"] for r in read_rollouts(path)}
+    todo = [p for p in prompts if p not in done]
+    if not todo:
+        return
+    weights, config, hf_tokenizer = base_weights(source)
+    fields = {k: v for k, v in config.items() if k != "quantization"}
+    arch = {"llama": llama, "qwen3": qwen3}[config["model_type"]]
+    model = arch.Model(arch.ModelArgs.from_dict(fields))
+    weights = {k: v for k, v in weights.items() if not (fields.get("tie_word_embeddings") and k == "lm_head.weight")}
+    model.load_weights([(k, mx.array(v)) for k, v in weights.items()], strict=True)
+    eos = config.get("eos_token_id")
+    tokenizer = TokenizerWrapper(hf_tokenizer, eos_token_ids=eos if isinstance(eos, list) else [eos])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tic = time.time()
+    for i in range(0, len(todo), batch):
+        chunk = todo[i : i + batch]
+        ids = [chat_ids(hf_tokenizer, p) for p in chunk]
+        out = batch_generate(model, tokenizer, ids, max_tokens=max_tokens, return_token_ids=True)
+        with open(path, "a") as f:
+            for prompt, prompt_ids, answer in zip(chunk, ids, out.token_ids):
+                f.write(json.dumps({"prompt": prompt, "prompt_ids": prompt_ids, "answer_ids": list(answer)}) + "\n")
+        n = i + len(chunk)
+        rate = n / (time.time() - tic)
+        print(f"rollouts {len(done) + n}/{len(done) + len(todo)}, {(len(todo) - n) / rate / 60:.1f} min left", flush=True)
+
+
+def read_rollouts(path: Path) -> List[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+# ---- stage 2: distillation ----------------------------------------------------------------
+
+
+class Sequences:
+    """Rollouts as (ids, answer start): blocks start inside the answer, where drafting happens."""
+
+    def __init__(self, rollouts: List[dict], pad_id: int):
+        self.rows = [(r["prompt_ids"] + r["answer_ids"], len(r["prompt_ids"])) for r in rollouts if r["answer_ids"]]
+        self.pad_id = pad_id
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def batch(self, index: Sequence[int], block_size: int, blocks: int, gen: torch.Generator):
+        """Right-padded ids [B, T] and block starts [B, blocks]: each block's first token and its
+        K-1 teacher positions lie inside the row (padding after a row is never attended)."""
+        rows = [self.rows[i] for i in index]
+        T = max(len(ids) for ids, _ in rows)
+        ids = torch.full((len(rows), T), self.pad_id, dtype=torch.long)
+        starts = torch.empty((len(rows), blocks), dtype=torch.long)
+        for b, (row, answer) in enumerate(rows):
+            ids[b, : len(row)] = torch.tensor(row)
+            low, high = max(answer - 1, 1), max(len(row) - block_size + 1, answer)
+            starts[b] = torch.randint(low, high + 1, (blocks,), generator=gen)
+        return ids, starts.clamp(max=T - block_size + 1)
+
+
+def distill_logits(model: Model, ids: torch.Tensor, starts: torch.Tensor, K: int):
+    """Student logits [B, nb, K-1, V] and the teacher's for the same positions; the teacher's
+    head runs only where a block needs it (the vocabulary projection dominates small bases)."""
+    with torch.no_grad():
+        hidden, kvs = ar_hidden(model, ids)
+        B, nb = starts.shape
+        index = (starts[:, :, None] + torch.arange(K - 1)).reshape(B, -1)
+        teacher = model.logits(torch.gather(hidden, 1, index[:, :, None].expand(-1, -1, hidden.shape[-1])))
+    tokens, positions, mask = block_inputs(ids, starts, K, model.args.mask_token_id)
+    student = diffusion_pass(model, kvs, tokens, positions, mask).view(B, nb, K, -1)[:, :, :-1]
+    return student, teacher.view(B, nb, K - 1, -1)
+
+
+@torch.no_grad()
+def evaluate(model: Model, data: Sequences, K: int, blocks: int = 4, seed: int = 1234) -> dict:
+    """Held-out KL and the teacher-forced accepted prefix + 1 (a proxy for tokens per step)."""
+    gen = torch.Generator().manual_seed(seed)
+    kls, accepted, agree = [], [], []
+    for i in range(0, len(data), 8):
+        ids, starts = data.batch(range(i, min(i + 8, len(data))), K, blocks, gen)
+        student, teacher = distill_logits(model, ids, starts, K)
+        match = (student.argmax(-1) == teacher.argmax(-1)).float()
+        kls.append(kl_loss(student, teacher).item())
+        accepted.append(match.cumprod(-1).sum(-1).flatten() + 1)
+        agree.append(match.flatten(0, 1))
+    agree = torch.cat(agree)
+    return {"kl": float(np.mean(kls)), "tokens_per_block": torch.cat(accepted).mean().item(),
+            "top1_per_index": [round(v, 3) for v in agree.mean(0).tolist()]}
+
+
+def save_checkpoint(path: Path, model: Model, opt, step: int, gen: torch.Generator, history: list) -> None:
+    state = {"diffusion": model.diffusion_parameters(), "optimizer": opt.state_dict(), "step": step,
+             "generator": gen.get_state(), "history": history}
+    tmp = path.with_suffix(".tmp")
+    torch.save({**state, "diffusion": {k: v.detach().clone() for k, v in state["diffusion"].items()}}, tmp)
+    os.replace(tmp, path)
+
+
+def distill(model: Model, train: Sequences, heldout: Sequences, cfg: DistillConfig, run: Path,
+            log=print) -> dict:
+    """Train the diffusion view in place, resuming from RUN/checkpoint.pt if present."""
+    from tqdm import tqdm
+
+    gen = torch.Generator().manual_seed(cfg.seed)
+    params = freeze_base(model)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    checkpoint = run / "checkpoint.pt"
+    step, history = 0, []
+    if checkpoint.is_file():
+        state = torch.load(checkpoint, weights_only=False)
+        with torch.no_grad():
+            for name, p in model.diffusion_parameters().items():
+                p.copy_(state["diffusion"][name])
+        opt.load_state_dict(state["optimizer"])
+        gen.set_state(state["generator"])
+        step, history = state["step"], state["history"]
+        log(f"resumed at step {step}")
+    if step == 0:
+        history.append({"step": 0, **evaluate(model, heldout, 8)})
+        log(f"before training: {history[-1]}")
+    deadline = time.time() + cfg.minutes * 60 if cfg.minutes else math.inf
+    saved = time.time()
+    bar = tqdm(total=cfg.steps, initial=step, desc="distill", dynamic_ncols=True)
+    while step < cfg.steps and time.time() < deadline:
+        for group in opt.param_groups:
+            group["lr"] = cosine_lr(step, step / cfg.steps, cfg.lr, cfg.warmup)
+        K = cfg.block_sizes[int(torch.randint(len(cfg.block_sizes), (1,), generator=gen))]
+        index = torch.randint(len(train), (cfg.batch,), generator=gen).tolist()
+        ids, starts = train.batch(index, K, max(cfg.block_tokens_per_seq // K, 1), gen)
+        with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+            student, teacher = distill_logits(model, ids, starts, K)
+        loss = kl_loss(student, teacher)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        step += 1
+        bar.update(1)
+        bar.set_postfix(kl=f"{loss.item():.3f}", K=K)
+        if step % cfg.eval_every == 0 or step == cfg.steps:
+            history.append({"step": step, "train_kl": loss.item(), **evaluate(model, heldout, 8)})
+            log(f"step {step}: {history[-1]}")
+        if time.time() - saved > cfg.checkpoint_minutes * 60 or step == cfg.steps:
+            save_checkpoint(checkpoint, model, opt, step, gen, history)
+            saved = time.time()
+    bar.close()
+    save_checkpoint(checkpoint, model, opt, step, gen, history)
+    return {"steps": step, "history": history, "config": asdict(cfg)}
+
+
+# ---- the command ---------------------------------------------------------------------------
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(prog="python -m orthrus_mlx.train.drafter", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--base", required=True, help="Hugging Face folder or repo id, or a .gguf file")
+    p.add_argument("--run", type=Path, required=True, help="run folder (rollouts, checkpoints)")
+    p.add_argument("--out", type=Path, default=None, help="adapter folder to write (default RUN/adapter)")
+    p.add_argument("--stages", default="rollouts,distill,export")
+    p.add_argument("--prompts", type=int, default=400, help="training prompts to answer")
+    p.add_argument("--answer-tokens", type=int, default=160, help="longest rollout answer")
+    p.add_argument("--block-size", type=int, default=16, help="K written to the adapter's config")
+    p.add_argument("--mask-token-id", type=int, default=None,
+                   help="an id the base never emits (default: the last special token)")
+    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--minutes", type=float, default=None, help="stop this invocation after so long")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--bf16", action="store_true", help="autocast to bfloat16 (GPUs)")
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--train-block-sizes", default="4,8,16", help="K drawn per training step")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--device", default="cpu")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    stages = args.stages.split(",")
+    run = args.run
+    run.mkdir(parents=True, exist_ok=True)
+    if "rollouts" in stages:
+        make_rollouts(args.base, training_prompts(args.prompts), run / "rollouts.jsonl", args.answer_tokens)
+        make_rollouts(args.base, heldout_prompts(), run / "heldout.jsonl", args.answer_tokens)
+    weights, config, tokenizer = base_weights(args.base)
+    mask = args.mask_token_id if args.mask_token_id is not None else default_mask_token(tokenizer)
+    model = torch_base(weights, config, args.block_size, mask).to(args.device)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    if "distill" in stages:
+        cfg = DistillConfig(steps=args.steps, minutes=args.minutes, batch=args.batch, lr=args.lr,
+                            bf16=args.bf16,
+                            block_sizes=tuple(int(k) for k in args.train_block_sizes.split(",")))
+        summary = distill(model, Sequences(read_rollouts(run / "rollouts.jsonl"), pad),
+                          Sequences(read_rollouts(run / "heldout.jsonl"), pad), cfg, run)
+        (run / "summary.json").write_text(json.dumps(summary, indent=1))
+    if "export" in stages:
+        from .adapter import export_adapter
+
+        state = torch.load(run / "checkpoint.pt", weights_only=False)
+        export_adapter(state["diffusion"], config, args.block_size, mask, args.out or run / "adapter")
+
+
+def default_mask_token(tokenizer) -> int:
+    """The highest-numbered special token: chat models do not emit it (SmolLM2: <empty_output>)."""
+    return max(tokenizer.all_special_ids + [t for t in tokenizer.added_tokens_decoder])
+
+
+if __name__ == "__main__":
+    main()
