@@ -1,0 +1,78 @@
+"""The drafter trainer on a tiny Llama-shaped base: it learns, only the drafter trains, it resumes."""
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from orthrus_mlx.torch_backend.model import Model, ModelArgs  # noqa: E402
+from orthrus_mlx.train.base import BaseTrainConfig, train_base  # noqa: E402
+from orthrus_mlx.train.drafter import DistillConfig, Sequences, distill  # noqa: E402
+
+VOCAB, MASK, EOS = 48, 47, 46
+
+
+def counting_rows(count: int, seed: int):
+    """Chat-like rows: a short 'prompt' of random tokens, then an 'answer' counting up (mod 40)."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for _ in range(count):
+        prompt = rng.integers(0, 40, 6).tolist()
+        a = int(rng.integers(0, 40))
+        rows.append({"prompt_ids": prompt, "answer_ids": [(a + i) % 40 for i in range(int(rng.integers(20, 40)))]})
+    return rows
+
+
+@pytest.fixture(scope="module")
+def llama_base():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    args = ModelArgs(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, head_dim=16, rope_theta=10000.0,
+                     block_size=8, mask_token_id=MASK, model_type="llama")
+    model = Model(args)
+    model.init_weights(seed=0)
+    stream = np.concatenate([r["prompt_ids"] + r["answer_ids"] + [EOS] for r in counting_rows(1500, 0)])
+    train_base(model, stream.astype(np.uint16), stream[:4000].astype(np.uint16),
+               BaseTrainConfig(steps=60, batch=8, seq_len=64, lr=1e-2, warmup=10, eval_every=60),
+               log=lambda s: None)
+    model.copy_ar_to_diffusion()
+    yield model
+    torch.set_num_threads(threads)
+
+
+def test_llama_base_has_no_qk_norm(llama_base):
+    names = [n for n, _ in llama_base.named_parameters()]
+    assert not any("q_norm" in n or "k_norm" in n for n in names)
+    assert any("q_proj_diff" in n for n in names)
+
+
+def test_distill_lowers_kl_raises_agreement_and_resumes(llama_base, tmp_path):
+    train, heldout = Sequences(counting_rows(64, 1), EOS), Sequences(counting_rows(16, 2), EOS)
+    ar_before = {n: p.clone() for n, p in llama_base.named_parameters() if "_diff" not in n}
+    cfg = DistillConfig(steps=20, batch=8, block_sizes=(8,), block_tokens_per_seq=32, lr=1e-2,
+                        warmup=5, eval_every=20, checkpoint_minutes=0)
+    first = distill(llama_base, train, heldout, cfg, tmp_path, log=lambda s: None)
+    assert first["steps"] == 20 and (tmp_path / "checkpoint.pt").is_file()
+    # A second invocation with a larger budget continues from step 20, not from scratch.
+    cfg.steps = 40
+    logs = []
+    second = distill(llama_base, train, heldout, cfg, tmp_path, log=logs.append)
+    assert logs[0] == "resumed at step 20" and second["steps"] == 40
+    before, after = second["history"][0], second["history"][-1]
+    assert before["step"] == 0 and after["step"] == 40
+    assert after["kl"] < 0.7 * before["kl"]
+    assert after["tokens_per_block"] > before["tokens_per_block"] + 0.5
+    assert np.mean(after["top1_per_index"][1:]) > np.mean(before["top1_per_index"][1:]) + 0.2
+    for n, p in llama_base.named_parameters():  # the base stayed frozen
+        if "_diff" not in n:
+            assert torch.equal(p, ar_before[n]), n
+
+
+def test_blocks_start_inside_the_answer():
+    rows = Sequences([{"prompt_ids": [1] * 10, "answer_ids": [2] * 30}], EOS)
+    gen = torch.Generator().manual_seed(0)
+    ids, starts = rows.batch([0] * 4, 8, 16, gen)
+    assert ids.shape == (4, 40)
+    assert starts.min() >= 9 and starts.max() <= 40 - 8 + 1
