@@ -2,12 +2,12 @@
 
 import numpy as np
 import pytest
-import torch
 
-from orthrus_mlx.torch_backend.model import Model, ModelArgs
-
+torch = pytest.importorskip("torch")
 mx = pytest.importorskip("mlx.core")
 qwen3 = pytest.importorskip("mlx_lm.models.qwen3")
+
+from orthrus_mlx.torch_backend.model import Model, ModelArgs  # noqa: E402
 
 CONFIG = {
     "model_type": "qwen3",
@@ -44,7 +44,8 @@ def test_from_dict_reads_nested_rope_theta():
 
 def test_state_dict_keys_are_checkpoint_keys():
     keys = set(_random_model(tied=True).state_dict())
-    layer = {f"model.layers.0.self_attn.{p}{s}.weight" for p in ("q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm") for s in ("", "_diff")}
+    names = ("q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm")
+    layer = {f"model.layers.0.self_attn.{p}{s}.weight" for p in names for s in ("", "_diff")}
     layer |= {f"model.layers.0.mlp.{p}.weight" for p in ("gate_proj", "up_proj", "down_proj")}
     layer |= {f"model.layers.0.{p}.weight" for p in ("input_layernorm", "post_attention_layernorm")}
     assert {k for k in keys if k.startswith("model.layers.0.")} == layer
