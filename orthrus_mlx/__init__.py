@@ -1,5 +1,7 @@
 """orthrus-mlx: exact, diffusion-drafted decoding of Orthrus (Qwen3) models on MLX."""
 
+__version__ = "0.1.0"  # the one place it is written: pyproject.toml reads it from here
+
 from .core.sampling import SamplingParams
 from .core.step import DecodeStats
 

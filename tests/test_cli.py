@@ -5,8 +5,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from cli_helpers import SHIPPED, run_cli_many
 
+from cli_helpers import SHIPPED, run_cli_many
 from orthrus_mlx import generate
 from orthrus_mlx.cli import COMMANDS, main
 from orthrus_mlx.cli.flags import chat_prompt, command_block_size
@@ -102,7 +102,6 @@ def test_system_prompt_and_no_diffusion(model_path, loaded, capsys):
         (["chat", "--top-k", "-1"], 1, "top_k must be an integer >= 0"),
         (["server", "--port", "http"], 2, "--port"),
         (["frobnicate"], 2, "invalid choice"),
-        ([], 2, "required"),
     ],
 )
 def test_bad_flags_exit_nonzero_with_one_line(args, status, message, capsys):
@@ -146,3 +145,42 @@ def test_commands_default_to_auto_unless_a_seeded_sample_must_reproduce():
     assert command_block_size(None, 0.8, None) == "auto"
     assert command_block_size(None, 0.8, 7) is None  # the checkpoint's K
     assert command_block_size(4, 0.8, 7) == 4 and command_block_size("auto", 0.8, 7) == "auto"
+
+
+def test_bare_command_lists_the_commands_and_exits_0(capsys):
+    assert main([]) == 0
+    out, err = capsys.readouterr()
+    assert err == ""
+    for name, (_, help) in COMMANDS.items():
+        assert f"{name:<10} {help}" in out
+
+
+def test_version_is_the_installed_one_else_the_source_trees(capsys, monkeypatch):
+    import importlib.metadata
+
+    import orthrus_mlx
+
+    try:
+        installed = importlib.metadata.version("orthrus-mlx")
+    except importlib.metadata.PackageNotFoundError:
+        installed = orthrus_mlx.__version__
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out == f"orthrus-mlx {installed}\n"
+
+    def not_installed(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", not_installed)
+    with pytest.raises(SystemExit):
+        main(["--version"])
+    assert capsys.readouterr().out == f"orthrus-mlx {orthrus_mlx.__version__}\n"
+
+
+def test_auto_says_on_stderr_when_it_measures_step_costs(model_path, capsys):
+    args = ["generate", "--model", str(model_path), "--prompt", "def f(x):", "-m", "4"]
+    assert main(args) == 0  # the default --block-size auto, in a fresh HOME: measures
+    out, err = capsys.readouterr()
+    assert err.count("measuring what a step of") == 1 and "measuring" not in out
+    assert main(args) == 0  # measured already: silent
+    assert "measuring" not in capsys.readouterr().err

@@ -6,6 +6,7 @@ imported only when that command runs.
 
 import argparse
 import importlib
+import importlib.metadata
 import os
 import sys
 from typing import List, Optional
@@ -35,13 +36,28 @@ def top_level_parser() -> argparse.ArgumentParser:
         + "\n".join(f"  {name:<10} {help}" for name, (_, help) in COMMANDS.items())
         + "\n\nRun `orthrus-mlx <command> --help` for a command's options.",
     )
-    parser.add_argument("command", choices=list(COMMANDS), metavar="command")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
+    parser.add_argument("command", choices=list(COMMANDS), metavar="command", help="one of those below")
     return parser
+
+
+def version() -> str:
+    """The installed distribution's version; the source tree's when run uninstalled."""
+    try:
+        return importlib.metadata.version("orthrus-mlx")
+    except importlib.metadata.PackageNotFoundError:
+        from .. import __version__
+
+        return __version__
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    top = top_level_parser().parse_args(argv[:1])
+    parser = top_level_parser()
+    if not argv:  # a bare `orthrus-mlx`: say what there is to run
+        parser.print_help()
+        return 0
+    top = parser.parse_args(argv[:1])
     name = top.command
     prog = f"orthrus-mlx {name}"
     module_name, help = COMMANDS[name]

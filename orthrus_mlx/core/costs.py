@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import platform
+import sys
 import time
 from pathlib import Path
 from typing import Callable, Iterator, List, Tuple, Union
@@ -116,6 +117,9 @@ def step_seconds(key: str, make_backend: Callable[[], Backend], max_size: int) -
     """The cached (base, per_position) cost lines under `key`, measured on first use."""
     entry = read_table().get(key)
     if not isinstance(entry, dict) or len(entry.get("base", [])) < max_size + 1:
+        # Otherwise a second or more of silence before the first token.
+        print(f"orthrus-mlx: measuring what a step of 1..{max_size} tokens costs on this machine",
+              file=sys.stderr, flush=True)
         base, per_position = measure_cost_lines(make_backend, max_size)
         entry = {"base": base, "per_position": per_position}
         write_entry(key, entry)
