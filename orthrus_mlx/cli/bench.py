@@ -12,6 +12,7 @@ last (the prefill is time to first token), the same for every mode.
 """
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
@@ -27,10 +28,10 @@ from mlx.utils import tree_flatten
 from mlx_lm.generate import stream_generate as mlx_lm_stream_generate
 
 from ..core.checkpoint import resolve_model_path
-from .flags import add_model_arguments
 from ..core.step import DecodeStats
 from ..generate import stream_generate
 from ..loader import DEFAULT_MODEL, DTYPES, load
+from .flags import add_model_arguments
 
 MODES = ("mlx-lm", "ar", "orthrus", "auto")
 PROMPTS_FILE = "heldout_prompts.json"
@@ -289,10 +290,8 @@ def per_prompt_table(rows: List[dict], modes: List[str]) -> str:
 
 def plot(summary: Dict[str, dict], path: str, title: str) -> None:
     """Three panels: tok/s per mode; tokens-per-step histogram; tok/s against verify length."""
-    try:
-        import matplotlib
-    except ImportError:
-        raise ValueError("--plot needs matplotlib: pip install 'orthrus-mlx[bench]'") from None
+    import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -337,6 +336,8 @@ def plot(summary: Dict[str, dict], path: str, title: str) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.max_tokens < 2 or args.num_prompts < 1 or args.repeats < 1:
         raise ValueError("--max-tokens must be >= 2, --num-prompts and --repeats >= 1")
+    if args.plot and importlib.util.find_spec("matplotlib") is None:  # before minutes of runs, not after
+        raise ValueError("--plot needs matplotlib: pip install 'orthrus-mlx[bench]'")
     model_path = resolve_model_path(args.model or DEFAULT_MODEL)
     prompts_path = Path(args.prompts) if args.prompts else model_path / PROMPTS_FILE
     texts = load_prompts(prompts_path)[: args.num_prompts]
@@ -352,15 +353,8 @@ def run(args: argparse.Namespace) -> int:
     bench.weight_bytes = {m: weight_bytes(base_model if m == "mlx-lm" else model) for m in modes}
     prompts = [tokenizer.encode(t) for t in texts]
 
-    for mode in list(modes):  # warm-up; also finds out whether "auto" exists yet
-        try:
-            run_once(bench, mode, prompts[0])
-        except (TypeError, ValueError) as e:
-            if mode != "auto":
-                raise
-            modes.remove(mode)
-            notes.append(f"auto skipped: block_size='auto' is not supported by this engine ({e})")
-            print(f"note: {notes[-1]}")
+    for mode in modes:  # warm-up: traces, compiles, and lets `auto` measure its step costs
+        run_once(bench, mode, prompts[0])
 
     runs: Dict[str, List[List[Run]]] = {m: [[] for _ in prompts] for m in modes}
     for i, prompt in enumerate(prompts):
