@@ -91,6 +91,14 @@ def test_output_folder_has_everything_a_loader_needs(source, tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temporary folder left
 
 
+def test_output_carries_the_source_model_card(tmp_path):
+    source = random_checkpoint(tmp_path / "src", CONFIG)
+    card = "---\nlicense: apache-2.0\n---\n# A model\n\nWhat it was trained on.\n"
+    (source / "README.md").write_text(card)
+    out = convert(source, tmp_path / "out", quantize=True, q_group_size=32, progress=False)
+    assert (out / "README.md").read_text() == card
+
+
 def test_sharded_output_has_an_index_that_matches(source, tmp_path):
     out = convert(source, tmp_path / "sharded", quantize=True, q_group_size=32,
                   max_file_size_gb=100e3 / 2**30, progress=False)
@@ -250,7 +258,8 @@ BAD_SOURCES = {
                 "Missing tensors in the checkpoint: ['model.layers.1.self_attn.k_proj_diff.weight']"),
     "unexpected": (lambda f: save_with(f, lambda w: w.update({"model.layers.0.extra.weight": w["model.norm.weight"]})),
                    "Unexpected tensors in the checkpoint: ['model.layers.0.extra.weight']"),
-    "shape": (lambda f: save_with(f, lambda w: w.update({"model.layers.1.mlp.up_proj.weight": np.zeros((255, 128), np.float32)})),
+    "shape": (lambda f: save_with(f, lambda w: w.update({"model.layers.1.mlp.up_proj.weight":
+                                                         np.zeros((255, 128), np.float32)})),
               "Tensor model.layers.1.mlp.up_proj.weight has shape (255, 128), expected (256, 128)"),
     "corrupt_header": (corrupt_header, "Corrupt safetensors header in"),
     "truncated": (truncate, "runs past the end of the file"),

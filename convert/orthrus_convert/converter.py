@@ -19,8 +19,8 @@ from .source import open_source
 from .writer import ShardedWriter, staging_folder
 
 # Everything of the source folder but its weights and config: tokenizer, chat template,
-# generation config. Remote code (*.py) is not copied: it is never run.
-CARRIED_FILES = ["*.json", "*.jinja", "*.txt", "tokenizer.model", "*.tiktoken"]
+# generation config, model card. Remote code (*.py) is not copied: it is never run.
+CARRIED_FILES = ["*.json", "*.jinja", "*.txt", "tokenizer.model", "*.tiktoken", "README.md"]
 NOT_CARRIED = {"config.json", "model.safetensors.index.json"}
 # Rows per block are chosen so a block holds about this many elements (64 MB in float32).
 CHUNK_ELEMENTS = 1 << 24

@@ -18,7 +18,7 @@ DIFFUSION_PARAMS = (
     "q_norm_diff",
     "k_norm_diff",
 )
-HUB_FILES = ["*.json", "*.safetensors", "*.jinja", "*.txt", "tokenizer.model"]
+HUB_FILES = ["*.json", "*.safetensors", "*.jinja", "*.txt", "tokenizer.model", "README.md"]
 
 
 def resolve_model_path(path_or_repo: Union[str, Path], revision: Optional[str] = None) -> Path:
