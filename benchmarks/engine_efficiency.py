@@ -24,9 +24,9 @@ from typing import Dict, List
 import mlx.core as mx
 import mlx.nn as nn
 
+from orthrus_mlx.backend import MLXBackend
 from orthrus_mlx.cli.bench import machine_note
 from orthrus_mlx.core.sampling import SamplingParams
-from orthrus_mlx.backend import MLXBackend
 from orthrus_mlx.models.qwen3 import Model, ModelArgs
 
 SHAPES = {

@@ -96,14 +96,16 @@ def main() -> int:
 
     machine = machine_note()
     print(f"Peak memory at a {context}-token context ({args.dtype}; {machine})\n")
-    print("| mode | weights MB | KV cache MB | peak MB (whole run) | peak MB (decoding) | max RSS MB | vs ar (decoding) |")
+    print("| mode | weights MB | KV cache MB | peak MB (whole run) | peak MB (decoding) | max RSS MB "
+          "| vs ar (decoding) |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     ar = results.get("ar")
     for mode, r in results.items():
         ratio = f"{r['decode_peak_mb'] / ar['decode_peak_mb']:.3f}" if ar else "-"
         r["decode_ratio_to_ar"] = r["decode_peak_mb"] / ar["decode_peak_mb"] if ar else None
         r["ratio_to_ar"] = r["peak_mb"] / ar["peak_mb"] if ar else None
-        print(f"| {mode} | {r['weights_mb']:.1f} | {r['kv_cache_mb']:.1f} | {r['peak_mb']:.1f} | {r['decode_peak_mb']:.1f} | {r['max_rss_mb']:.1f} | {ratio} |")
+        cells = [r["weights_mb"], r["kv_cache_mb"], r["peak_mb"], r["decode_peak_mb"], r["max_rss_mb"]]
+        print(f"| {mode} | " + " | ".join(f"{c:.1f}" for c in cells) + f" | {ratio} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"machine": machine, "context": context, "dtype": args.dtype, "modes": results}, f, indent=2)

@@ -217,7 +217,8 @@ def main(argv: Optional[List[str]] = None) -> dict:
     print(f"  one step of K  {results['orthrus_step_ms']:9.2f} ms = {results['step_cost_in_ar_tokens']:.2f} AR tokens "
           f"(Orthrus wins once tokens/step exceeds this)")
     if "hf_tokens_per_s" in results:
-        print(f"  HF generate    {results['hf_tokens_per_s']:9.1f} tokens/s   (match with AR: {results['hf_matches_ar']:.2f})")
+        print(f"  HF generate    {results['hf_tokens_per_s']:9.1f} tokens/s   "
+              f"(match with AR: {results['hf_matches_ar']:.2f})")
     print(f"  Orthrus == AR greedy: {results['orthrus_matches_ar']:.2f} of the tokens (common prefix)")
     if args.json:
         with open(args.json, "w") as f:

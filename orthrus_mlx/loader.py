@@ -14,11 +14,11 @@ from .core.checkpoint import (  # noqa: F401  (re-exported: the loader's public 
     check_diffusion_config,
     check_orthrus_fields,
     check_tensor_shapes,
-    tensor_shapes,
     eos_list,
     read_config,
     read_safetensors_header,
     resolve_model_path,
+    tensor_shapes,
     weight_files,
 )
 from .models.qwen3 import Model, ModelArgs

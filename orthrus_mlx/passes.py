@@ -24,7 +24,8 @@ from .models.qwen3 import Model
 
 def _projections(attn, view: str):
     if view == "draft":
-        return attn.q_proj_diff, attn.k_proj_diff, attn.v_proj_diff, attn.o_proj_diff, attn.q_norm_diff, attn.k_norm_diff
+        return (attn.q_proj_diff, attn.k_proj_diff, attn.v_proj_diff, attn.o_proj_diff,
+                attn.q_norm_diff, attn.k_norm_diff)
     return attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, attn.q_norm, attn.k_norm
 
 

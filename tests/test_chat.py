@@ -12,8 +12,8 @@ import termios
 import time
 
 import pytest
-from cli_helpers import SHIPPED, cli_env, expected_prefill, run_cli_many
 
+from cli_helpers import SHIPPED, cli_env, expected_prefill, run_cli_many
 from orthrus_mlx import generate, mlx_generate
 from orthrus_mlx.cli import main
 from orthrus_mlx.cli.chat import ChatSession

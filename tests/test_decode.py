@@ -7,12 +7,12 @@ from mlx_lm.generate import generate_step
 from mlx_lm.models import qwen3
 
 from orthrus_mlx import DecodeStats, load_model, mlx_generate
+from orthrus_mlx.backend import adaptive_block
 from orthrus_mlx.cli.bench import randomize_diffusion
 from orthrus_mlx.core.costs import machine_key
 from orthrus_mlx.core.policy import AdaptiveBlock
 from orthrus_mlx.core.sampling import SamplingParams
 from orthrus_mlx.core.step import Scores, accept, decode
-from orthrus_mlx.backend import adaptive_block
 from orthrus_mlx.testing import random_weights, save_checkpoint, tiny_config
 
 

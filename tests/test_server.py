@@ -12,8 +12,8 @@ import threading
 import time
 
 import pytest
-from cli_helpers import cli_env, common_prefix
 
+from cli_helpers import cli_env, common_prefix
 from orthrus_mlx import generate, mlx_generate
 from orthrus_mlx.cli.flags import chat_prompt
 from orthrus_mlx.cli.server import App, FifoLock, StopStrings

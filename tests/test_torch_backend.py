@@ -14,9 +14,9 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from orthrus_mlx.backend import MLXBackend
 from orthrus_mlx.core.sampling import SamplingParams
 from orthrus_mlx.core.step import DecodeStats, decode  # noqa: E402
-from orthrus_mlx.backend import MLXBackend
 from orthrus_mlx.generate import mlx_generate  # noqa: E402
 from orthrus_mlx.loader import load_model as mlx_load_model  # noqa: E402
 from orthrus_mlx.testing import random_weights, save_checkpoint, tiny_config  # noqa: E402

@@ -14,6 +14,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterator, List, Optional
 
+from ..core.step import DecodeStats
+from ..generate import stream_generate
+from ..prompt_cache import PromptCache
 from .flags import (
     add_chat_template_arguments,
     add_model_arguments,
@@ -25,9 +28,6 @@ from .flags import (
     template_kwargs,
     with_system,
 )
-from ..core.step import DecodeStats
-from ..generate import stream_generate
-from ..prompt_cache import PromptCache
 
 HELP = "/reset starts over, /stats shows the figures, /quit (or Ctrl-D) ends; Ctrl-C stops an answer."
 

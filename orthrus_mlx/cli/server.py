@@ -16,6 +16,11 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
+from ..core.sampling import SamplingParams
+from ..core.step import DecodeStats
+from ..generate import stream_generate
+from ..loader import DEFAULT_MODEL
+from ..prompt_cache import PromptCachePool
 from .flags import (
     add_chat_template_arguments,
     add_model_arguments,
@@ -28,11 +33,6 @@ from .flags import (
     template_kwargs,
     with_system,
 )
-from ..core.sampling import SamplingParams
-from ..core.step import DecodeStats
-from ..generate import stream_generate
-from ..loader import DEFAULT_MODEL
-from ..prompt_cache import PromptCachePool
 
 MAX_BODY_BYTES = 1 << 20
 DISCONNECTS = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError, TimeoutError)

@@ -15,8 +15,6 @@ from mlx_lm.models import qwen3
 from mlx_lm.models.cache import KVCache
 
 
-
-
 @dataclass
 class ModelArgs(qwen3.ModelArgs):
     block_size: Optional[int] = None
