@@ -1,6 +1,6 @@
 """Peak memory of Orthrus decoding against plain AR decoding at a 4K-token context.
 
-The diffusion view reads the AR cache and keeps nothing of its own (ORTHRUS.md section 2), so
+The diffusion view reads the AR cache and keeps nothing of its own (docs/DESIGN.md section 2), so
 Orthrus should need no more memory than AR beyond one step's activations. A random checkpoint
 with a realistic KV size (hidden 512, 8 layers, 8 heads, 4 KV heads, head_dim 64) prefills a
 4000-token prompt and generates 64 tokens; each mode runs in its own process so the peaks do

@@ -1,6 +1,6 @@
 """A deliberately naive Orthrus in numpy (float64, explicit per-head loops).
 
-Written from ORTHRUS.md alone, sharing no code with the package, so that the
+Written from docs/DESIGN.md (sections 1-3) alone, sharing no code with the package, so that the
 MLX and PyTorch models can be checked against it.
 """
 

@@ -9,7 +9,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Union
 
-# The diffusion view's tensors in each layer's self_attn (ORTHRUS.md section 1).
+# The diffusion view's tensors in each layer's self_attn (docs/DESIGN.md section 1).
 DIFFUSION_PARAMS = (
     "q_proj_diff",
     "k_proj_diff",

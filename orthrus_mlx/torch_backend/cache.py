@@ -4,7 +4,7 @@ Keys and values live in one tensor each, `[layers, batch, kv_heads, capacity, he
 `offset` (a host int) counts the committed entries; slots past it hold garbage that every
 pass overwrites before reading (the causal mask hides the rest), so trimming only moves
 `offset`. The diffusion view writes its block into the free slots `offset ...` for the pass
-and leaves `offset` alone (ORTHRUS.md section 4).
+and leaves `offset` alone (docs/DESIGN.md section 6).
 """
 
 from typing import Optional, Tuple

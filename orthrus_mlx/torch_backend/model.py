@@ -252,7 +252,7 @@ class Model(nn.Module):
         """AR view: logits [B, T, V] for positions 0..T-1."""
         return self.logits(self.model(input_ids))
 
-    # Inference over a preallocated KV cache (docs/DESIGN.md sections 2-4).
+    # Inference over a preallocated KV cache (docs/DESIGN.md sections 2, 3 and 6).
 
     @property
     def block_size(self) -> Optional[int]:

@@ -96,7 +96,7 @@ follows the steps instead of the clock, so the weights differ slightly):
 
 Greedy, {first['max_tokens']} new tokens per prompt on the {first['prompts']} held-out prompts;
 tokens per step = accepted drafts + 1 (torch decode loop of `orthrus_mlx/train/evaluate.py`,
-following ORTHRUS.md section 3; the output equals AR greedy decoding). The MLX engine gives the
+following docs/DESIGN.md section 3; the output equals AR greedy decoding). The MLX engine gives the
 same figures on this checkpoint; `tests/test_shipped_model.py` holds it above a floor.
 
 | K | mean tokens / step | steps | identical to AR greedy |

@@ -1,4 +1,4 @@
-"""Torch-side greedy Orthrus decoding (ORTHRUS.md section 3) to measure tokens per step.
+"""Torch-side greedy Orthrus decoding (docs/DESIGN.md section 3) to measure tokens per step.
 
 No KV cache: every step recomputes the AR view over the committed prefix, which is exact and
 cheap at this model size. Used for the model card and the per-K numbers; the MLX engine is the
