@@ -26,7 +26,6 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from orthrus_mlx.torch_backend.model import Model, ModelArgs
 
@@ -134,7 +133,8 @@ def make_rollouts(source: str, prompts: Sequence[str], path: Path, max_tokens: i
                 f.write(json.dumps({"prompt": prompt, "prompt_ids": prompt_ids, "answer_ids": list(answer)}) + "\n")
         n = i + len(chunk)
         rate = n / (time.time() - tic)
-        print(f"rollouts {len(done) + n}/{len(done) + len(todo)}, {(len(todo) - n) / rate / 60:.1f} min left", flush=True)
+        left = (len(todo) - n) / rate / 60
+        print(f"rollouts {len(done) + n}/{len(done) + len(todo)}, {left:.1f} min left", flush=True)
 
 
 def read_rollouts(path: Path) -> List[dict]:
