@@ -7,7 +7,7 @@ import argparse
 import json
 from typing import Any, Dict, List, Optional, Union
 
-from ..core.sampling import SamplingParams
+from ..core.sampling import GREEDY_TEMPERATURE, SamplingParams
 from ..loader import DEFAULT_MODEL, load
 
 
@@ -30,11 +30,36 @@ def block_size(value: str):
 def json_object(value: str) -> Dict[str, Any]:
     try:
         parsed = json.loads(value)
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, RecursionError) as e:
         raise argparse.ArgumentTypeError(f"not valid JSON ({e})")
     if not isinstance(parsed, dict):
         raise argparse.ArgumentTypeError('expected a JSON object, e.g. \'{"enable_thinking": false}\'')
     return parsed
+
+
+# The chat template variables a flag or a request may set. Every other keyword of
+# apply_chat_template (chat_template, tokenize, add_generation_prompt, tools, ...) would
+# change which template runs or what it returns, so none of them is passed through.
+TEMPLATE_VARIABLES = ("enable_thinking",)
+
+
+def check_template_args(args: Dict[str, Any]) -> Dict[str, Any]:
+    """`args` if every name is a known template variable with a JSON scalar value; ValueError if not."""
+    for name, value in args.items():
+        if name not in TEMPLATE_VARIABLES:
+            raise ValueError(
+                f"chat template argument {name!r} is not allowed (allowed: {', '.join(TEMPLATE_VARIABLES)})"
+            )
+        if value is not None and not isinstance(value, (bool, int, float, str)):
+            raise ValueError(f"chat template argument {name!r} must be a string, number, boolean or null")
+    return args
+
+
+def template_variables(value: str) -> Dict[str, Any]:
+    try:
+        return check_template_args(json_object(value))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e))
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -82,9 +107,10 @@ def add_chat_template_arguments(parser: argparse.ArgumentParser) -> None:
         "--chat-template-args",
         "--chat-template-config",
         dest="chat_template_args",
-        type=json_object,
+        type=template_variables,
         default=None,
-        help='Extra arguments for the chat template, as a JSON object, e.g. \'{"enable_thinking": false}\'',
+        help="Chat template variables, as a JSON object, e.g. '{\"enable_thinking\": false}' "
+        f"(allowed: {', '.join(TEMPLATE_VARIABLES)})",
     )
     parser.add_argument(
         "--enable-thinking",
@@ -108,7 +134,7 @@ def command_block_size(flag: Union[int, str, None], temperature: float, seed: Op
     reproduce (the draws follow the block schedule, which `auto` picks from timings)."""
     if flag is not None:
         return flag
-    return None if temperature > 0 and seed is not None else "auto"
+    return None if temperature >= GREEDY_TEMPERATURE and seed is not None else "auto"
 
 
 def generation_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
@@ -134,14 +160,18 @@ def load_from_args(args: argparse.Namespace):
     return load(args.model or DEFAULT_MODEL, dtype=args.dtype)
 
 
+def chat_text(tokenizer, messages: List[Dict[str, Any]], template_args: Dict[str, Any]) -> str:
+    """The chat template's rendering of `messages`, ready for the assistant's answer."""
+    return tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=True, **check_template_args(template_args)
+    )
+
+
 def chat_prompt(
     tokenizer, messages: List[Dict[str, Any]], template_args: Dict[str, Any]
 ) -> List[int]:
-    """The chat template's rendering of `messages`, ready for the assistant's answer."""
-    text = tokenizer.apply_chat_template(
-        messages, tokenize=False, add_generation_prompt=True, **template_args
-    )
-    return tokenizer.encode(text, add_special_tokens=False)
+    """The token ids of `chat_text`."""
+    return tokenizer.encode(chat_text(tokenizer, messages, template_args), add_special_tokens=False)
 
 
 def with_system(system_prompt: Optional[str], messages: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
