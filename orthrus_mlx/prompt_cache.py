@@ -2,6 +2,8 @@
 
 from typing import Any, List, Sequence
 
+import mlx.core as mx
+
 from .models.qwen3 import Model
 
 
@@ -18,7 +20,8 @@ class PromptCache:
     """A per-layer KV cache plus the ids of the tokens whose keys/values it holds.
 
     Use: `new = pc.prepare(prompt)`, generate over `new` with `prompt_cache=pc.cache`,
-    then `pc.commit(prompt, emitted)` (also after an interrupted generation).
+    then `pc.commit(prompt, emitted)` (also after an interrupted generation). After a
+    generation that raised, drop the cache instead: it may hold a half-built graph.
     """
 
     def __init__(self, model: Model):
@@ -55,6 +58,9 @@ class PromptCache:
         held = min(c.offset for c in self.cache)
         self.tokens = known
         self._truncate(min(held, len(known)))
+        # MLX runs a graph on the stream of the thread that built it; evaluate it now, so
+        # that the next request, maybe on another thread, finds plain data.
+        mx.eval([(c.keys, c.values) for c in self.cache if c.keys is not None])
 
     def _truncate(self, n: int) -> None:
         for c in self.cache:
@@ -108,3 +114,16 @@ class PromptCachePool:
                 self.caches.pop(0)
         self.caches.append(best)
         return best
+
+    def commit(self, pc: PromptCache, prompt: Sequence[int], emitted: Sequence[int]) -> None:
+        """`pc.commit`, dropping `pc` if even that fails."""
+        try:
+            pc.commit(prompt, emitted)
+        except BaseException:
+            self.discard(pc)
+            raise
+
+    def discard(self, pc: PromptCache) -> None:
+        """Drop `pc`, e.g. after a generation over it failed; later prompts start afresh."""
+        if pc in self.caches:
+            self.caches.remove(pc)

@@ -3,6 +3,13 @@
 POST /v1/chat/completions and /v1/completions (SSE streaming or not), GET /v1/models
 and /health. Requests generate one at a time in arrival order; a small pool of prompt
 caches keeps each conversation's prefix, so a request prefills only what is new.
+
+What a client sends is bounded before any work: a body of at most MAX_BODY_BYTES, finite
+numbers, integers of at most 20 digits, only the chat template variables of
+`flags.TEMPLATE_VARIABLES` (never a template of its own, so rendering the model's template
+takes time linear in the body), a rendered prompt of at most MAX_PROMPT_CHARS characters
+and a token count that fits the context. A generation that fails drops the prompt cache it
+used, so no failure reaches a later request.
 """
 
 import argparse
@@ -11,6 +18,7 @@ import logging
 import socket
 import threading
 import time
+import traceback
 import uuid
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -25,7 +33,8 @@ from .flags import (
     add_chat_template_arguments,
     add_model_arguments,
     add_sampling_arguments,
-    chat_prompt,
+    chat_text,
+    check_template_args,
     command_block_size,
     generation_kwargs,
     load_from_args,
@@ -35,6 +44,14 @@ from .flags import (
 )
 
 MAX_BODY_BYTES = 1 << 20
+# A template of the model's own renders a body of MAX_BODY_BYTES to about as many
+# characters; twice that leaves room for its markup and still encodes in about a second.
+MAX_PROMPT_CHARS = 2 * MAX_BODY_BYTES
+# Longer integer literals are refused as they are parsed: no field takes one (a seed is
+# < 2**64, 20 digits), an int beyond int64 is no MLX scalar, and Python's int() of a long
+# digit string is slow, then a ValueError.
+MAX_INT_DIGITS = 20
+LISTEN_BACKLOG = 128  # connections the kernel holds while we accept; bursts of clients get no resets
 DISCONNECTS = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError, TimeoutError)
 log = logging.getLogger("orthrus_mlx.server")
 
@@ -96,6 +113,42 @@ class StopStrings:
 
 
 # ---- request validation ------------------------------------------------------------
+
+
+def _json_int(text: str) -> int:
+    if len(text.lstrip("-")) > MAX_INT_DIGITS:
+        raise RequestError(f"A number in the request is out of range: {text[:24]}...")
+    return int(text)
+
+
+def _json_float(text: str) -> float:
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise RequestError(f"A number in the request is out of range: {text[:24]}")
+    return value
+
+
+def _json_constant(name: str):
+    raise RequestError(f"The request body is not valid JSON: {name} is not a JSON number")
+
+
+def parse_json(raw: bytes) -> Dict[str, Any]:
+    """The request body as a JSON object whose numbers are finite and whose strings are
+    valid Unicode (a lone surrogate cannot be tokenized), or RequestError."""
+    try:
+        body = json.loads(
+            raw, parse_int=_json_int, parse_float=_json_float, parse_constant=_json_constant
+        )
+        json.dumps(body, ensure_ascii=False).encode("utf-8")
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RequestError(f"The request body is not valid JSON: {e}")
+    except UnicodeEncodeError:
+        raise RequestError("The request body has a string with a lone surrogate (\\ud800-\\udfff)")
+    except RecursionError:
+        raise RequestError("The request body is nested too deeply")
+    if not isinstance(body, dict):
+        raise RequestError("The request body must be a JSON object")
+    return body
 
 
 def _field(body: Dict[str, Any], name: str, types, default=None, check=None, what: str = ""):
@@ -195,13 +248,21 @@ class App:
         self.lock = FifoLock()
         self.created = int(time.time())
 
+    def encode(self, text: str, add_special_tokens: bool) -> List[int]:
+        if len(text) > MAX_PROMPT_CHARS:
+            raise RequestError(
+                f"The prompt ({len(text)} characters) is over the limit of {MAX_PROMPT_CHARS} characters",
+                param="prompt",
+            )
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+
     def encode_text(self, prompt: Any) -> List[int]:
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
             prompt = prompt[0]
         if isinstance(prompt, str):
             bos = getattr(self.tokenizer, "bos_token", None)
             add_special = bos is None or not prompt.startswith(bos)
-            return self.tokenizer.encode(prompt, add_special_tokens=add_special)
+            return self.encode(prompt, add_special)
         if isinstance(prompt, list) and prompt and all(
             isinstance(t, int) and not isinstance(t, bool) for t in prompt
         ):
@@ -216,17 +277,19 @@ class App:
     def request(self, path: str, body: Dict[str, Any]) -> Request:
         opts = parse_options(body, self.defaults)
         if path.endswith("chat/completions"):
-            template = dict(self.template)
-            template.update(_field(body, "chat_template_kwargs", (dict,), {}))
+            variables = _field(body, "chat_template_kwargs", (dict,), {})
+            try:
+                template = dict(self.template, **check_template_args(variables))
+            except ValueError as e:
+                raise RequestError(str(e), param="chat_template_kwargs")
             messages = parse_messages(body)
             if self.defaults.system_prompt is not None and messages[0]["role"] != "system":
                 messages = with_system(self.defaults.system_prompt, messages)
             try:
-                prompt = chat_prompt(self.tokenizer, messages, template)
-            except RequestError:
-                raise
+                text = chat_text(self.tokenizer, messages, template)
             except Exception as e:  # the template's own complaint (unknown role, ...)
                 raise RequestError(f"The chat template failed: {e}", param="messages")
+            prompt = self.encode(text, add_special_tokens=False)
         else:
             if "prompt" not in body:
                 raise RequestError("'prompt' is required", param="prompt")
@@ -250,8 +313,27 @@ class App:
         return Request(prompt, max_tokens, sampling, opts["stream"], opts["include_usage"], opts["stop"])
 
     def generate(self, req: Request, usage: Dict[str, Any]) -> Iterator[Tuple[str, Optional[str]]]:
-        """(text, finish_reason) pieces; call under `self.lock`. Fills `usage` as it goes."""
+        """(text, finish_reason) pieces; call under `self.lock`. Fills `usage` as it goes.
+
+        A generation that ends, or stops because the caller closed this iterator, records
+        what its prompt cache holds; one that raises drops the cache, which may hold a
+        half-built graph on this thread's stream, and no later request can use it.
+        """
         cache = self.caches.take(req.prompt)
+        emitted: List[int] = []
+        try:
+            yield from self._pieces(req, usage, cache, emitted)
+        except GeneratorExit:  # the caller stopped reading (a disconnect): keep what was made
+            self.caches.commit(cache, req.prompt, emitted)
+            raise
+        except BaseException:
+            self.caches.discard(cache)
+            raise
+        self.caches.commit(cache, req.prompt, emitted)
+
+    def _pieces(
+        self, req: Request, usage: Dict[str, Any], cache, emitted: List[int]
+    ) -> Iterator[Tuple[str, Optional[str]]]:
         new = cache.prepare(req.prompt)
         usage.update(
             prompt_tokens=len(req.prompt),
@@ -259,7 +341,7 @@ class App:
             prompt_tokens_details={"cached_tokens": len(req.prompt) - len(new)},
         )
         stops = StopStrings(req.stop)
-        stats, emitted = DecodeStats(), []
+        stats = DecodeStats()
         options = generation_kwargs(self.defaults)
         options.update(
             temperature=req.sampling.temperature,
@@ -292,7 +374,6 @@ class App:
                     yield text, None
         finally:
             responses.close()
-            cache.commit(req.prompt, emitted)
             usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
             usage["orthrus"] = {
                 "steps": stats.steps,
@@ -301,6 +382,15 @@ class App:
 
 
 # ---- HTTP -------------------------------------------------------------------------
+
+
+def printable(text: str) -> str:
+    """`text` with control, format and separator characters (CR, LF, ESC, C1, U+2028, bidi
+    overrides...) and backslashes escaped, so that a client cannot forge or recolour log lines."""
+    return "".join(
+        c if c.isprintable() and c != "\\" else c.encode("unicode_escape").decode("ascii")
+        for c in text
+    )
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -312,7 +402,16 @@ class Handler(BaseHTTPRequestHandler):
         return self.server.app
 
     def log_message(self, format: str, *args) -> None:
-        log.info("%s %s", self.address_string(), format % args)
+        # The request line and the errors about it hold whatever bytes the client sent.
+        log.info("%s %s", self.address_string(), printable(format % args))
+
+    def send_error(self, code: int, message: Optional[str] = None, explain: Optional[str] = None) -> None:
+        """http.server's own refusals (a bad request line, headers, method) in our JSON shape."""
+        message = message or self.responses.get(code, ("Error",))[0]
+        self.log_error("code %d, message %s", code, message)
+        self.close_connection = True
+        self.request_version = "HTTP/1.0"  # a line that failed to parse says 0.9: no status line
+        self.send_error_json(code, message)
 
     headers_sent = False
 
@@ -357,6 +456,10 @@ class Handler(BaseHTTPRequestHandler):
         except RequestError as e:
             self.send_error_json(e.status, str(e), e.param)
             return
+        except Exception as e:  # a check we lack: still one JSON answer, and a log line
+            self.log_failure("reading the request failed", e)
+            self.send_error_json(500, f"Reading the request failed: {e}")
+            return
         chat = path.endswith("chat/completions")
         with self.app.lock:
             try:
@@ -365,7 +468,7 @@ class Handler(BaseHTTPRequestHandler):
                 else:
                     self.whole_response(req, chat)
             except Exception as e:  # a bug, not the client's fault: say so, keep serving
-                log.exception("generation failed")
+                self.log_failure("generation failed", e)
                 self.close_connection = True
                 if not self.headers_sent:
                     self.send_error_json(500, f"Generation failed: {e}")
@@ -374,11 +477,9 @@ class Handler(BaseHTTPRequestHandler):
         length = self.headers.get("Content-Length")
         if length is None:
             raise RequestError("A Content-Length header is required", status=411)
-        try:
-            length = int(length)
-            assert length >= 0
-        except (ValueError, AssertionError):
+        if not (length.isascii() and length.isdigit() and len(length) <= MAX_INT_DIGITS):
             raise RequestError(f"Bad Content-Length header: {length!r}")
+        length = int(length)
         if length > MAX_BODY_BYTES:
             self.close_connection = True
             self.drain(length)
@@ -394,13 +495,7 @@ class Handler(BaseHTTPRequestHandler):
         if len(raw) < length:
             self.close_connection = True
             raise RequestError("The request body is shorter than its Content-Length")
-        try:
-            body = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise RequestError(f"The request body is not valid JSON: {e}")
-        if not isinstance(body, dict):
-            raise RequestError("The request body must be a JSON object")
-        return body
+        return parse_json(raw)
 
     def drain(self, length: int) -> None:
         """Read and drop an oversized body (bounded) so the client gets to read our 413."""
@@ -480,6 +575,11 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.write(b"data: " + json.dumps(payload).encode() + b"\n\n")
         self.wfile.flush()
 
+    def log_failure(self, what: str, e: Exception) -> None:
+        """The traceback, with the message (which may quote the request) on one escaped line."""
+        frames = "".join(traceback.format_tb(e.__traceback__))
+        log.error("%s: %s\n%s", what, printable(f"{type(e).__name__}: {e}"), frames.rstrip())
+
     def log_generation(self, usage: Dict[str, Any], finish: Optional[str]) -> None:
         log.info(
             "prompt %d tokens (%d cached), %d generated, finish %s",
@@ -517,6 +617,7 @@ def make_server(app: App, host: str, port: int) -> ThreadingHTTPServer:
     class Server(ThreadingHTTPServer):
         address_family = family
         daemon_threads = True
+        request_queue_size = LISTEN_BACKLOG
 
     httpd = Server(address, Handler)
     httpd.app = app
