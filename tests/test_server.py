@@ -1,7 +1,6 @@
 """`orthrus-mlx server` as a real process on a free loopback port, driven over real sockets."""
 
 import argparse
-import http.client
 import json
 import re
 import socket
@@ -14,6 +13,7 @@ import time
 import pytest
 
 from cli_helpers import cli_env, common_prefix
+from http_helpers import raw_http, request
 from orthrus_mlx import generate, mlx_generate
 from orthrus_mlx.cli.flags import chat_prompt
 from orthrus_mlx.cli.server import App, FifoLock, StopStrings
@@ -46,21 +46,6 @@ def server(model_path, tmp_path_factory):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
-
-
-def request(server, method, path, body=None, headers=None, timeout=60):
-    """(status, parsed JSON body or raw text)."""
-    conn = http.client.HTTPConnection(server[0], server[1], timeout=timeout)
-    if isinstance(body, (dict, list)):
-        body = json.dumps(body)
-    conn.request(method, path, body=body, headers=headers or {})
-    response = conn.getresponse()
-    data = response.read().decode()
-    conn.close()
-    try:
-        return response.status, json.loads(data)
-    except json.JSONDecodeError:
-        return response.status, data
 
 
 def stream(server, path, body):
@@ -209,17 +194,6 @@ def test_interleaved_conversations_each_keep_their_cache(server, loaded):
             previous[name] = len(prompt)
             messages.append({"role": "assistant", "content": answer})
     assert request(server, "GET", "/health")[1]["prompt_caches"]
-
-
-def raw_http(server, data: bytes) -> tuple:
-    with socket.create_connection(server[:2], timeout=30) as s:
-        s.sendall(data)
-        s.shutdown(socket.SHUT_WR)  # nothing more is coming
-        reply = b""
-        while chunk := s.recv(65536):
-            reply += chunk
-    head, _, body = reply.partition(b"\r\n\r\n")
-    return int(head.split()[1]), body.decode()
 
 
 BAD_REQUESTS = [
