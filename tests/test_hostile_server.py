@@ -425,6 +425,25 @@ def test_a_burst_of_fifty_connections_is_queued_not_reset(served):
     answers_normally(served)
 
 
+def test_the_model_runs_on_one_long_lived_thread(served, monkeypatch):
+    """MLX keeps every thread's stream: a thread per connection would leak one per request."""
+    threads, prefill = [], MLXBackend.prefill
+
+    def recording(self, *args):
+        threads.append(threading.get_ident())
+        return prefill(self, *args)
+
+    monkeypatch.setattr(MLXBackend, "prefill", recording)
+    for i, stream in enumerate((False, True, False)):
+        status, _ = request(served.address, "POST", CHAT, dict(NORMAL, stream=stream, messages=[
+            {"role": "user", "content": f"Thread question {i}."}]))
+        assert status == 200
+    assert len(threads) == 3 and len(set(threads)) == 1
+    assert threading.get_ident() not in threads
+    monkeypatch.undo()
+    answers_normally(served)
+
+
 def test_a_committed_cache_holds_no_graph_of_a_finished_thread(loaded):
     """MLX evaluates a graph only on the stream of the thread that built it."""
     model, _ = loaded
