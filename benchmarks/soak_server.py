@@ -202,7 +202,8 @@ class Soak:
             if status != 200 or json.loads(reply)["choices"][0]["text"] != self.sampled[(i, seed)]:
                 self.fail(kind, f"prompt {i} seed {seed}: {status} {reply[:200]}")
         elif kind in ("hostile", "oversized"):
-            name, send, want = rng.choice(self.hostile) if kind == "hostile" else ("oversized", lambda: oversized(port), 413)
+            big = ("oversized", lambda: oversized(port), 413)
+            name, send, want = rng.choice(self.hostile) if kind == "hostile" else big
             status, reply = send()
             if status != want or "error" not in json.loads(reply):
                 self.fail(kind, f"{name}: {status} {reply[:200]}")

@@ -17,11 +17,11 @@ from types import SimpleNamespace
 
 import mlx.core as mx
 import pytest
-from http_helpers import raw_http, request
 from mlx_lm.models.cache import KVCache
 from mlx_lm.tokenizer_utils import BPEStreamingDetokenizer
 from mlx_lm.utils import load_tokenizer
 
+from http_helpers import raw_http, request
 from orthrus_mlx import generate, mlx_generate
 from orthrus_mlx.backend import MLXBackend
 from orthrus_mlx.cli import main
