@@ -8,6 +8,9 @@ from typing import Optional
 # token anyway (a logit gap of 1e-4 already weighs e^-10), and would overflow float32 to
 # inf, then NaN, well before temperature reaches 0.
 GREEDY_TEMPERATURE = 1e-5
+# Above this every token is about equally likely (logits span tens of units): uniform noise
+# that no caller means to ask for, so it is refused like a non-finite value.
+MAX_TEMPERATURE = 100.0
 
 
 def _finite(name: str, value) -> float:
@@ -34,8 +37,8 @@ class SamplingParams:
     def __post_init__(self):
         object.__setattr__(self, "temperature", _finite("temperature", self.temperature))
         object.__setattr__(self, "top_p", _finite("top_p", self.top_p))
-        if not self.temperature >= 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 <= self.temperature <= MAX_TEMPERATURE:
+            raise ValueError(f"temperature must be in [0, {MAX_TEMPERATURE:g}], got {self.temperature:g}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < 0:
