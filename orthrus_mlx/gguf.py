@@ -29,6 +29,16 @@ LAYER_NAMES = {
 }
 TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 CONTROL_TOKEN = 3  # tokenizer.ggml.token_type of special (control) tokens
+MAGIC = b"GGUF"
+
+
+def is_gguf(path: Union[str, Path]) -> bool:
+    """A file that starts with GGUF's magic bytes."""
+    path = Path(path)
+    if not path.is_file():
+        return False
+    with open(path, "rb") as f:
+        return f.read(4) == MAGIC
 
 
 def hf_name(name: str) -> str:
@@ -85,10 +95,11 @@ def read_config(meta: Dict[str, Any], tensors: Dict[str, mx.array]) -> Dict[str,
         "attention_bias": False,
         "mlp_bias": False,
     }
-    for name in ("bos_token_id", "eos_token_id"):
-        key = f"tokenizer.ggml.{name}"
-        if key in meta:
-            config[name] = int(scalar(meta, key))
+    if "tokenizer.ggml.bos_token_id" in meta:
+        config["bos_token_id"] = int(scalar(meta, "tokenizer.ggml.bos_token_id"))
+    # End of sequence and end of turn both end a generation.
+    eos = [int(scalar(meta, f"tokenizer.ggml.{k}_token_id")) for k in ("eos", "eot") if f"tokenizer.ggml.{k}_token_id" in meta]
+    config["eos_token_id"] = sorted(set(eos))
     return config
 
 
@@ -120,6 +131,11 @@ def read_gguf(path: Union[str, Path]) -> Tuple[Dict[str, Any], Dict[str, mx.arra
                 key = f"model.layers.{layer}.self_attn.{proj}.{suffix}"
                 if key in weights:
                     weights[key] = half_split_rows(weights[key], heads)
+    # An embedding lookup returns its scales' dtype: float32 ones keep the activations in
+    # float32 from the start, as llama.cpp computes (the matmuls are float32 either way).
+    for key in ("model.embed_tokens.scales", "model.embed_tokens.biases"):
+        if key in weights:
+            weights[key] = weights[key].astype(mx.float32)
     quant = quantization(weights)
     if quant:
         config["quantization"] = quant
@@ -136,9 +152,9 @@ def dequantized(weights: Dict[str, mx.array], config: Dict[str, Any]) -> Dict[st
         module = name[: -len(".weight")]
         if module in quant:
             q = quant[module]
-            w = mx.dequantize(
-                w, weights[module + ".scales"], weights[module + ".biases"], q["group_size"], q["bits"]
-            )
+            # float32 scales: exactly the quantized matmul's values (float16 ones would round them)
+            scales, biases = (weights[f"{module}.{k}"].astype(mx.float32) for k in ("scales", "biases"))
+            w = mx.dequantize(w, scales, biases, q["group_size"], q["bits"])
         out[name] = np.array(w.astype(mx.float32))
     return out
 

@@ -1,14 +1,19 @@
-"""Load an Orthrus (or plain Qwen3) checkpoint from a folder or a Hugging Face repo id."""
+"""Load a model and its tokenizer: a Hugging Face or MLX folder, a Hub repo id, or a GGUF file;
+optionally with a drafter adapter (drafter.py) giving the base its diffusion view."""
 
+import warnings
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map
+from mlx_lm.tokenizer_utils import BPEStreamingDetokenizer, TokenizerWrapper
+from mlx_lm.utils import dequantize_model
 from mlx_lm.utils import load_model as mlx_lm_load_model
 from mlx_lm.utils import load_tokenizer
 
+from . import gguf
 from .core.checkpoint import (  # noqa: F401  (re-exported: the loader's public helpers)
     HUB_FILES,
     check_diffusion_config,
@@ -21,27 +26,96 @@ from .core.checkpoint import (  # noqa: F401  (re-exported: the loader's public 
     tensor_shapes,
     weight_files,
 )
-from .models.qwen3 import Model, ModelArgs
+from .drafter import attach_drafter, is_adapter
+from .models import model_classes
+from .models.diffusion import DiffusionModel as Model
 
 # The small trained checkpoint the repo ships: the default of every command.
 DEFAULT_MODEL = Path(__file__).parent / "assets" / "orthrus-tiny"
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
+MakeTokenizer = Callable[[Optional[Dict[str, Any]]], TokenizerWrapper]
 
 
-def check_tensors(args: ModelArgs, config: Dict[str, Any], files: List[Path]) -> None:
+def locate(
+    path_or_repo: Union[str, Path], drafter: Union[str, Path, None] = None, revision: Optional[str] = None
+) -> Tuple[Path, Optional[Path]]:
+    """The base (a folder or a GGUF file) and the drafter adapter's folder, on disk.
+
+    The one place where what the user named becomes files: fetched from the Hub if need be.
+    """
+    path = Path(path_or_repo).expanduser()
+    base = path if gguf.is_gguf(path) else resolve_model_path(path_or_repo, revision)
+    return base, None if drafter is None else resolve_model_path(drafter)
+
+
+def model_args(config: Dict[str, Any], drafter: bool = False):
+    """The architecture's ModelArgs; warns for a plain base unless a drafter will complete it."""
+    args = model_classes(config)[1].from_dict(config)
+    if args.has_diffusion or not drafter:
+        check_orthrus_fields(args)
+    return args
+
+
+def check_tensors(args: Any, config: Dict[str, Any], files: List[Path]) -> None:
     """Name every missing, unexpected or misshapen tensor before loading any data."""
     given = tensor_shapes(files)
     check_diffusion_config(args, given)
     if "quantization" in config:
         return  # packed shapes: mlx-lm's strict load checks names and shapes
-    expected = {k: list(v.shape) for k, v in tree_flatten(Model(args).parameters())}
+    expected = {k: list(v.shape) for k, v in tree_flatten(model_classes(config)[0](args).parameters())}
     check_tensor_shapes(args, expected, given)
 
 
-def model_args(config: Dict[str, Any]) -> ModelArgs:
-    args = ModelArgs.from_dict(config)
-    check_orthrus_fields(args)
-    return args
+def load_folder(model_path: Path, drafter: bool) -> Tuple[Model, Dict[str, Any], MakeTokenizer]:
+    """A Hugging Face or MLX folder, through mlx-lm's loader (its quantization formats too)."""
+    config = read_config(model_path)
+    if is_adapter(config):
+        raise ValueError(f"{model_path} is a drafter adapter, not a model: load a base with drafter={model_path}")
+    args = model_args(config, drafter)
+    check_tensors(args, config, weight_files(model_path))
+    model, config = mlx_lm_load_model(
+        model_path,
+        lazy=True,
+        model_config={"eos_token_id": config["eos_token_id"]},
+        get_model_classes=model_classes,
+    )
+    eos = config["eos_token_id"]
+    return model, config, lambda extra: load_tokenizer(model_path, extra, eos_token_ids=eos)
+
+
+def load_gguf(path: Path, drafter: bool) -> Tuple[Model, Dict[str, Any], MakeTokenizer]:
+    """A GGUF file: quantized matrices stay quantized, as the file has them (no llama.cpp)."""
+    config, weights, meta = gguf.read_gguf(path)
+    model_class, _ = model_classes(config)
+    model = model_class(model_args(config, drafter))
+    quantization = config.get("quantization", {})
+    if quantization:
+        nn.quantize(model, class_predicate=lambda name, _: quantization.get(name, False))
+    model.load_weights(list(model.sanitize(weights).items()), strict=True)
+
+    def tokenizer(extra: Optional[Dict[str, Any]]) -> TokenizerWrapper:
+        if extra:
+            warnings.warn("tokenizer_config is ignored for a GGUF file: its tokenizer is its metadata's")
+        return TokenizerWrapper(gguf.build_tokenizer(meta), BPEStreamingDetokenizer, config["eos_token_id"])
+
+    return model, config, tokenizer
+
+
+def set_dtype(model: Model, config: Dict[str, Any], dtype: str) -> None:
+    """Every weight in `dtype`; quantized layers are dequantized (on MLX's CPU backend the
+    quantized kernels are slow for the multi-token passes of drafting and verifying).
+
+    Scales and biases go to float32 before dequantizing, so the values are exactly those the
+    quantized matmul computes with, before the one rounding to `dtype`."""
+
+    def cast(to):
+        return lambda p: p.astype(to) if mx.issubdtype(p.dtype, mx.floating) else p
+
+    model.update(tree_map(cast(mx.float32), model.parameters()))
+    dequantize_model(model)
+    config.pop("quantization", None)
+    config.pop("quantization_config", None)
+    model.update(tree_map(cast(DTYPES[dtype]), model.parameters()))
 
 
 def lay_out_for_cpu(model: Model) -> None:
@@ -58,32 +132,40 @@ def lay_out_for_cpu(model: Model) -> None:
             module.weight = mx.contiguous(module.weight.T).T
 
 
+def load_all(
+    path_or_repo: Union[str, Path],
+    dtype: Optional[str] = None,
+    revision: Optional[str] = None,
+    lazy: bool = False,
+    drafter: Union[str, Path, None] = None,
+) -> Tuple[Model, Dict[str, Any], MakeTokenizer]:
+    """Model, config and a tokenizer maker: what `load` and `load_model` share."""
+    if dtype is not None and dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    base_path, drafter_path = locate(path_or_repo, drafter, revision)
+    load_base = load_gguf if gguf.is_gguf(base_path) else load_folder
+    model, config, make_tokenizer = load_base(base_path, drafter_path is not None)
+    if drafter_path is not None:
+        attach_drafter(model, drafter_path)  # fingerprinted on the base as stored, before any cast
+        config.update(block_size=model.block_size, mask_token_id=model.mask_token_id)
+    if dtype is not None:
+        set_dtype(model, config, dtype)
+    if mx.default_device() == mx.cpu:
+        lay_out_for_cpu(model)
+    if not lazy:
+        mx.eval(model.parameters())
+    return model, config, make_tokenizer
+
+
 def load_model(
     path_or_repo: Union[str, Path],
     dtype: Optional[str] = None,
     revision: Optional[str] = None,
     lazy: bool = False,
+    drafter: Union[str, Path, None] = None,
 ) -> Tuple[Model, Dict[str, Any]]:
     """The model alone (no tokenizer), in the checkpoint's dtype unless `dtype` is given."""
-    if dtype is not None and dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    model_path = resolve_model_path(path_or_repo, revision)
-    config = read_config(model_path)
-    args = model_args(config)
-    check_tensors(args, config, weight_files(model_path))
-    model, config = mlx_lm_load_model(
-        model_path,
-        lazy=True,
-        model_config={"eos_token_id": config["eos_token_id"]},
-        get_model_classes=lambda config: (Model, ModelArgs),
-    )
-    if dtype is not None:
-        cast = lambda p: p.astype(DTYPES[dtype]) if mx.issubdtype(p.dtype, mx.floating) else p
-        model.update(tree_map(cast, model.parameters()))
-    if mx.default_device() == mx.cpu:
-        lay_out_for_cpu(model)
-    if not lazy:
-        mx.eval(model.parameters())
+    model, config, _ = load_all(path_or_repo, dtype, revision, lazy, drafter)
     return model, config
 
 
@@ -94,13 +176,15 @@ def load(
     lazy: bool = False,
     tokenizer_config: Optional[Dict[str, Any]] = None,
     return_config: bool = False,
+    drafter: Union[str, Path, None] = None,
 ):
-    """(model, tokenizer) from a local folder or a Hugging Face repo id, like `mlx_lm.load`."""
-    model_path = resolve_model_path(path_or_repo, revision)
-    model, config = load_model(model_path, dtype=dtype, lazy=lazy)
-    tokenizer = load_tokenizer(
-        model_path, tokenizer_config, eos_token_ids=config["eos_token_id"]
-    )
+    """(model, tokenizer), like `mlx_lm.load`, from a folder, a Hugging Face repo id or a GGUF file.
+
+    `drafter`: an adapter folder (or repo id) whose diffusion view is applied to the base.
+    `dtype`: cast every weight; a quantized base is dequantized to it.
+    """
+    model, config, make_tokenizer = load_all(path_or_repo, dtype, revision, lazy, drafter)
+    tokenizer = make_tokenizer(tokenizer_config)
     return (model, tokenizer, config) if return_config else (model, tokenizer)
 
 

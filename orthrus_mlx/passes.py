@@ -19,14 +19,18 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .core.step import per_model
-from .models.qwen3 import Model
+from .models.diffusion import DiffusionModel as Model
+
+
+def _identity(x: mx.array) -> mx.array:
+    return x
 
 
 def _projections(attn, view: str):
-    if view == "draft":
-        return (attn.q_proj_diff, attn.k_proj_diff, attn.v_proj_diff, attn.o_proj_diff,
-                attn.q_norm_diff, attn.k_norm_diff)
-    return attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, attn.q_norm, attn.k_norm
+    """q/k/v/o projections and q/k norms of one view; a base without q/k norms (Llama) gets identities."""
+    suffix = "_diff" if view == "draft" else ""
+    projections = [getattr(attn, name + suffix) for name in ("q_proj", "k_proj", "v_proj", "o_proj")]
+    return (*projections, *(getattr(attn, name + suffix, _identity) for name in ("q_norm", "k_norm")))
 
 
 class CompiledPasses:
@@ -39,7 +43,9 @@ class CompiledPasses:
         rope = model.layers[0].self_attn.rope
         if shared_rope is None:
             shared_rope = mx.default_device() == mx.cpu
-        self.shared_rope = shared_rope and isinstance(rope, nn.RoPE) and not rope.traditional
+        # Only plain rotary (nn.RoPE, rotate-half, linear scale at most) has the angles computed
+        # below; Llama 3 / YaRN / NTK scaling and the interleaved layout keep the model's RoPE.
+        self.shared_rope = shared_rope and type(rope) is nn.RoPE and not rope.traditional
         views = ["verify", "draft"] if model.has_diffusion else ["verify"]
         self.enter = {v: mx.compile(self._make_enter(v)) for v in views}
         self.between = {

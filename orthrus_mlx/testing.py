@@ -1,4 +1,4 @@
-"""Random Orthrus checkpoints in Hugging Face layout, for tests and benchmarks (no downloads)."""
+"""Random Orthrus checkpoints (Qwen3 or Llama) in Hugging Face layout, for tests and benchmarks (no downloads)."""
 
 import json
 from pathlib import Path
@@ -40,6 +40,15 @@ def tiny_config(**overrides: Any) -> Dict[str, Any]:
     return config
 
 
+def tiny_llama_config(**overrides: Any) -> Dict[str, Any]:
+    """The same small Orthrus on Llama: no q/k norms, Llama's rope theta default."""
+    return tiny_config(**{"model_type": "llama", "rope_theta": 500000.0, **overrides})
+
+
+def has_qk_norms(config: Dict[str, Any]) -> bool:
+    return config["model_type"] == "qwen3"
+
+
 def random_weights(config: Dict[str, Any], seed: int = 0, scale: float = 0.3) -> Dict[str, np.ndarray]:
     """Float32 tensors under the checkpoint's names; large enough to give peaked logits."""
     rng = np.random.default_rng(seed)
@@ -64,8 +73,9 @@ def random_weights(config: Dict[str, Any], seed: int = 0, scale: float = 0.3) ->
         for view in views:
             for name, shape in shapes.items():
                 w[f"{p}self_attn.{name}{view}.weight"] = matrix(*shape)
-            w[f"{p}self_attn.q_norm{view}.weight"] = norm(hd)
-            w[f"{p}self_attn.k_norm{view}.weight"] = norm(hd)
+            if has_qk_norms(config):
+                w[f"{p}self_attn.q_norm{view}.weight"] = norm(hd)
+                w[f"{p}self_attn.k_norm{view}.weight"] = norm(hd)
         w[f"{p}mlp.gate_proj.weight"] = matrix(ff, d)
         w[f"{p}mlp.up_proj.weight"] = matrix(ff, d)
         w[f"{p}mlp.down_proj.weight"] = matrix(d, ff)
@@ -150,7 +160,7 @@ def random_checkpoint(
     shards: int = 1,
     tokenizer: bool = True,
 ) -> Path:
-    """A random Orthrus (or, without block_size/mask_token_id, plain Qwen3) checkpoint."""
+    """A random Orthrus (or, without block_size/mask_token_id, plain Qwen3/Llama) checkpoint."""
     config = config or tiny_config()
     return save_checkpoint(path, config, random_weights(config, seed), dtype, shards, tokenizer)
 

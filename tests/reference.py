@@ -1,7 +1,10 @@
 """A deliberately naive Orthrus in numpy (float64, explicit per-head loops).
 
 Written from docs/DESIGN.md (sections 1-3) alone, sharing no code with the package, so that the
-MLX and PyTorch models can be checked against it.
+MLX and PyTorch models can be checked against it. Qwen3 (q/k norms) and Llama
+(none: the weights simply lack them); rotary in the Hugging Face half-split
+layout, or llama.cpp's interleaved one (`"rope_interleaved": True`) for Q/K rows
+as a GGUF file stores them.
 """
 
 import itertools
@@ -14,12 +17,18 @@ def rms_norm(x, weight, eps):
     return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * weight
 
 
-def rope(x, positions, theta):
-    """Rotate-half RoPE on [T, D] at the given absolute positions."""
+def rope(x, positions, theta, interleaved=False):
+    """RoPE on [T, D] at the given absolute positions: pair i is (x[i], x[i + D/2]) in the
+    rotate-half layout, (x[2i], x[2i + 1]) in the interleaved one."""
     half = x.shape[-1] // 2
     inv_freq = theta ** (-np.arange(half) * 2.0 / x.shape[-1])
     angles = np.asarray(positions, dtype=np.float64)[:, None] * inv_freq[None, :]
     cos, sin = np.cos(angles), np.sin(angles)
+    if interleaved:
+        x1, x2 = x[:, 0::2], x[:, 1::2]
+        out = np.empty_like(x)
+        out[:, 0::2], out[:, 1::2] = x1 * cos - x2 * sin, x2 * cos + x1 * sin
+        return out
     x1, x2 = x[:, :half], x[:, half:]
     return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
@@ -29,10 +38,23 @@ def softmax(x):
     return e / e.sum(axis=-1, keepdims=True)
 
 
+class Float64:
+    """Weights read as float64 when used: any mapping of names to arrays (a lazy one too)."""
+
+    def __init__(self, weights):
+        self.weights = weights
+
+    def __contains__(self, name):
+        return name in self.weights
+
+    def __getitem__(self, name):
+        return np.asarray(self.weights[name], dtype=np.float64)
+
+
 class NaiveOrthrus:
     def __init__(self, config, weights):
         self.c = config
-        self.w = {k: np.asarray(v, dtype=np.float64) for k, v in weights.items()}
+        self.w = Float64(weights)
 
     def project(self, layer, x, positions, view):
         """Per-head q, k, v lists for hidden states x [T, D] through one view."""
@@ -41,13 +63,19 @@ class NaiveOrthrus:
         q = x @ w[f"{p}q_proj{view}.weight"].T
         k = x @ w[f"{p}k_proj{view}.weight"].T
         v = x @ w[f"{p}v_proj{view}.weight"].T
+
+        def norm(name, head):  # Qwen3 normalises each head; Llama has no such weights
+            key = f"{p}{name}{view}.weight"
+            return rms_norm(head, w[key], eps) if key in w else head
+
+        def rotate(head):
+            return rope(head, positions, c["rope_theta"], c.get("rope_interleaved", False))
+
         qs, ks, vs = [], [], []
         for h in range(c["num_attention_heads"]):
-            qh = rms_norm(q[:, h * hd : (h + 1) * hd], w[f"{p}q_norm{view}.weight"], eps)
-            qs.append(rope(qh, positions, c["rope_theta"]))
+            qs.append(rotate(norm("q_norm", q[:, h * hd : (h + 1) * hd])))
         for h in range(c["num_key_value_heads"]):
-            kh = rms_norm(k[:, h * hd : (h + 1) * hd], w[f"{p}k_norm{view}.weight"], eps)
-            ks.append(rope(kh, positions, c["rope_theta"]))
+            ks.append(rotate(norm("k_norm", k[:, h * hd : (h + 1) * hd])))
             vs.append(v[:, h * hd : (h + 1) * hd])
         return qs, ks, vs
 

@@ -97,11 +97,11 @@ def is_diffusion_tensor(name: str) -> bool:
 
 
 def check_orthrus_fields(args: Any) -> None:
-    """Warn once for a plain Qwen3 config; reject unusable block_size / mask_token_id."""
+    """Warn once for a plain base config; reject unusable block_size / mask_token_id."""
     if not args.has_diffusion:
         warnings.warn(
-            "config.json has no block_size/mask_token_id: this is a plain Qwen3 "
-            "checkpoint, running in AR mode without diffusion drafting.",
+            "The config has no block_size/mask_token_id: this is a plain Qwen3/Llama "
+            "model, running in AR mode without diffusion drafting (a drafter adapter adds it).",
             stacklevel=4,
         )
         return
