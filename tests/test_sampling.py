@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from orthrus_mlx import load_model, mlx_generate
-from orthrus_mlx.testing import random_weights, save_checkpoint, tiny_config
+from orthrus_mlx.testing import random_weights, save_checkpoint, tiny_config, tiny_llama_config
 from reference import NaiveOrthrus, chi_square_p, exact_distribution, softmax
 
 PROMPT = [1, 2, 0]
@@ -14,29 +14,46 @@ LENGTH = 4  # first token from the prefill, then a step drafting 2 tokens, maybe
 
 
 @pytest.fixture(scope="module")
-def tiny_vocab(tmp_path_factory):
-    config = tiny_config(
-        vocab_size=4, mask_token_id=3, eos_token_id=None, block_size=4, num_hidden_layers=1,
-        hidden_size=32, head_dim=8, intermediate_size=64,
-    )
-    weights = random_weights(config, seed=21, scale=0.1)
-    path = save_checkpoint(tmp_path_factory.mktemp("ck"), config, weights, tokenizer=False)
-    model, _ = load_model(path)
-    return model, NaiveOrthrus(config, weights), config
+def tiny_vocab_of(tmp_path_factory):
+    """The tiny-vocabulary model of an architecture (Qwen3 or Llama), built once."""
+    built = {}
+
+    def get(make_config):
+        if make_config not in built:
+            config = make_config(
+                vocab_size=4, mask_token_id=3, eos_token_id=None, block_size=4, num_hidden_layers=1,
+                hidden_size=32, head_dim=8, intermediate_size=64,
+            )
+            weights = random_weights(config, seed=21, scale=0.1)
+            path = save_checkpoint(tmp_path_factory.mktemp("ck"), config, weights, tokenizer=False)
+            model, _ = load_model(path)
+            built[make_config] = model, NaiveOrthrus(config, weights), config
+        return built[make_config]
+
+    return get
+
+
+@pytest.fixture
+def tiny_vocab(tiny_vocab_of):
+    return tiny_vocab_of(tiny_config)
 
 
 @pytest.mark.parametrize(
-    "processing,draws,block_size",
+    "make_config,processing,draws,block_size",
     [
-        (dict(temperature=1.0, top_k=0, top_p=1.0), 3000, None),
-        (dict(temperature=0.7, top_k=3, top_p=1.0), 2000, None),
-        (dict(temperature=1.5, top_k=0, top_p=0.8), 2000, None),
-        (dict(temperature=1.0, top_k=0, top_p=1.0), 2000, "auto"),
+        (tiny_config, dict(temperature=1.0, top_k=0, top_p=1.0), 3000, None),
+        (tiny_config, dict(temperature=0.7, top_k=3, top_p=1.0), 2000, None),
+        (tiny_config, dict(temperature=1.5, top_k=0, top_p=0.8), 2000, None),
+        (tiny_config, dict(temperature=1.0, top_k=0, top_p=1.0), 2000, "auto"),
+        (tiny_llama_config, dict(temperature=0.7, top_k=3, top_p=1.0), 2000, None),
     ],
+    ids=["qwen3", "qwen3-top-k", "qwen3-top-p", "qwen3-auto", "llama-top-k"],
 )
-def test_orthrus_samples_follow_the_base_distribution(tiny_vocab, processing, draws, block_size, tmp_path, monkeypatch):
+def test_orthrus_samples_follow_the_base_distribution(
+    tiny_vocab_of, make_config, processing, draws, block_size, tmp_path, monkeypatch
+):
     monkeypatch.setenv("ORTHRUS_MLX_CACHE", str(tmp_path))
-    model, naive, config = tiny_vocab
+    model, naive, config = tiny_vocab_of(make_config)
     expected = exact_distribution(naive, PROMPT, LENGTH, config["vocab_size"], **processing)
     observed = Counter()
     for seed in range(draws):
