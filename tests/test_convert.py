@@ -248,11 +248,11 @@ def quantized_source(folder: Path) -> None:
 
 
 BAD_SOURCES = {
-    "llama": (lambda f: rewrite_config(f, model_type="llama"),
-              "is not an Orthrus/Qwen3 checkpoint: config.json has model_type 'llama'"),
+    "gpt2": (lambda f: rewrite_config(f, model_type="gpt2"),
+             "is not an Orthrus checkpoint we can convert: model_type 'gpt2' is not supported"),
     "no_config": (lambda f: (f / "config.json").unlink(), "No config.json in"),
     "config_not_json": (lambda f: (f / "config.json").write_text("{oops"), "is not valid JSON"),
-    "no_hidden_size": (lambda f: _drop_key(f, "hidden_size"), "lacks Qwen3 fields"),
+    "no_hidden_size": (lambda f: _drop_key(f, "hidden_size"), "lacks qwen3 fields"),
     "already_quantized": (quantized_source, "is already quantized"),
     "missing": (lambda f: save_with(f, lambda w: w.pop("model.layers.1.self_attn.k_proj_diff.weight")),
                 "Missing tensors in the checkpoint: ['model.layers.1.self_attn.k_proj_diff.weight']"),

@@ -8,6 +8,7 @@ from mlx_lm.utils import MAX_FILE_SIZE_GB
 
 from orthrus_mlx.loader import DEFAULT_MODEL
 
+from . import drafter
 from .converter import convert
 from .plan import BITS, DTYPES, GROUP_SIZES
 
@@ -56,10 +57,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"Largest output shard (default {MAX_FILE_SIZE_GB}).",
     )
     parser.add_argument("--no-progress", action="store_true", help="No progress bar.")
+    drafter.add_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     """Bad input raises ValueError / OSError: the caller prints it as one line."""
+    split_or_merge = drafter.run(args)
+    if split_or_merge is not None:
+        return split_or_merge
     path = convert(
         args.hf_path,
         args.mlx_path,

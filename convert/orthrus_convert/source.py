@@ -17,7 +17,7 @@ import numpy as np
 
 from orthrus_mlx.core.checkpoint import read_safetensors_header, resolve_model_path, weight_files
 from orthrus_mlx.loader import check_tensors, model_args
-from orthrus_mlx.models.qwen3 import Model, ModelArgs
+from orthrus_mlx.models import architecture, model_classes
 
 # safetensors dtype -> bytes per element; the only dtypes a float checkpoint may hold.
 FLOAT_DTYPES = {"F32": 4, "F16": 2, "BF16": 2}
@@ -55,7 +55,7 @@ class SourceTensor:
 class Source:
     path: Path
     config: Dict[str, Any]  # config.json as written, not merged with generation_config
-    args: ModelArgs
+    args: Any  # the architecture's ModelArgs
     tensors: List[SourceTensor]  # grouped by file, in file order: read front to back
     # Module path -> module, for the modules that mlx-lm could quantize (Linear, Embedding).
     quantizable: Dict[str, nn.Module]
@@ -75,22 +75,20 @@ def read_raw_config(path: Path) -> Dict[str, Any]:
     return config
 
 
-def check_config(path: Path, config: Dict[str, Any]) -> ModelArgs:
-    model_type = config.get("model_type")
-    if model_type != "qwen3":
-        raise ValueError(
-            f"{path} is not an Orthrus/Qwen3 checkpoint: config.json has model_type "
-            f"{model_type!r}, expected 'qwen3'"
-        )
+def check_config(path: Path, config: Dict[str, Any]) -> Any:
+    try:
+        architecture(config.get("model_type"))
+    except ValueError as e:
+        raise ValueError(f"{path} is not an Orthrus checkpoint we can convert: {e}") from e
     if "quantization" in config or "quantization_config" in config:
         raise ValueError(
             f"{path} is already quantized (config.json has a quantization entry); "
             "convert from the original Hugging Face checkpoint"
         )
     try:
-        ModelArgs.from_dict(config)
-    except TypeError as e:  # a required Qwen3 field is missing
-        raise ValueError(f"{path}/config.json lacks Qwen3 fields: {e}") from e
+        model_classes(config)[1].from_dict(config)
+    except TypeError as e:  # a required field of the architecture is missing
+        raise ValueError(f"{path}/config.json lacks {config['model_type']} fields: {e}") from e
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # a plain Qwen3 converts fine, AR mode only
         return model_args(config)
@@ -149,6 +147,6 @@ def open_source(path_or_repo: Union[str, Path], revision: Optional[str] = None) 
     if args.tie_word_embeddings:
         keep = [t for t in keep if t.name != "lm_head.weight"]
     # Built lazily: its random initial weights are never evaluated.
-    model = Model(args)
+    model = model_classes(config)[0](args)
     quantizable = {p: m for p, m in model.named_modules() if hasattr(m, "to_quantized")}
     return Source(path, config, args, keep, quantizable)

@@ -342,7 +342,7 @@ def run(args: argparse.Namespace) -> int:
     prompts_path = Path(args.prompts) if args.prompts else model_path / PROMPTS_FILE
     texts = load_prompts(prompts_path)[: args.num_prompts]
 
-    model, tokenizer = load(model_path, dtype=args.dtype)
+    model, tokenizer = load(model_path, dtype=args.dtype, drafter=args.drafter)
     if args.random_diffusion and model.has_diffusion:
         randomize_diffusion(model)
     block_sizes = parse_block_sizes(args.block_sizes, model.block_size)

@@ -66,13 +66,18 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model",
         default=None,
-        help=f"Local model folder or Hugging Face repo (default: the shipped {DEFAULT_MODEL.name})",
+        help=f"Local model folder, Hugging Face repo or GGUF file (default: the shipped {DEFAULT_MODEL.name})",
     )
     parser.add_argument(
         "--dtype",
         choices=["float32", "float16", "bfloat16"],
         default=None,
-        help="Cast the weights (default: the checkpoint's dtype)",
+        help="Cast the weights; a quantized model is dequantized (default: as stored)",
+    )
+    parser.add_argument(
+        "--drafter",
+        default=None,
+        help="Drafter adapter folder or Hugging Face repo: its diffusion view is applied to --model",
     )
 
 
@@ -157,7 +162,7 @@ def template_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
 
 
 def load_from_args(args: argparse.Namespace):
-    return load(args.model or DEFAULT_MODEL, dtype=args.dtype)
+    return load(args.model or DEFAULT_MODEL, dtype=args.dtype, drafter=args.drafter)
 
 
 def chat_text(tokenizer, messages: List[Dict[str, Any]], template_args: Dict[str, Any]) -> str:
