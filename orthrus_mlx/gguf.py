@@ -98,7 +98,8 @@ def read_config(meta: Dict[str, Any], tensors: Dict[str, mx.array]) -> Dict[str,
     if "tokenizer.ggml.bos_token_id" in meta:
         config["bos_token_id"] = int(scalar(meta, "tokenizer.ggml.bos_token_id"))
     # End of sequence and end of turn both end a generation.
-    eos = [int(scalar(meta, f"tokenizer.ggml.{k}_token_id")) for k in ("eos", "eot") if f"tokenizer.ggml.{k}_token_id" in meta]
+    keys = [f"tokenizer.ggml.{k}_token_id" for k in ("eos", "eot")]
+    eos = [int(scalar(meta, key)) for key in keys if key in meta]
     config["eos_token_id"] = sorted(set(eos))
     return config
 

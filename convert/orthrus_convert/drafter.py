@@ -82,7 +82,10 @@ def split_drafter(
     drafter_plans = [p for p in plans if is_diffusion_tensor(p.source.name)]
     quantization = recipe.diffusion.as_config() if recipe is not None and recipe.diffusion else None
 
-    with staging_folder(base_target, replace=force) as base_dir, staging_folder(drafter_target, replace=force) as adapter_dir:
+    with (
+        staging_folder(base_target, replace=force) as base_dir,
+        staging_folder(drafter_target, replace=force) as adapter_dir,
+    ):
         write_weights(base_plans, base_dir, max_file_size_gb, tqdm_progress if progress else iter)
         save_config(without_diffusion(config), base_dir / "config.json")
         copy_side_files(source.path, base_dir)
