@@ -110,10 +110,11 @@ def set_dtype(model: Model, config: Dict[str, Any], dtype: str) -> None:
     def cast(to):
         return lambda p: p.astype(to) if mx.issubdtype(p.dtype, mx.floating) else p
 
-    model.update(tree_map(cast(mx.float32), model.parameters()))
-    dequantize_model(model)
-    config.pop("quantization", None)
-    config.pop("quantization_config", None)
+    if any(isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)) for m in model.modules()):
+        model.update(tree_map(cast(mx.float32), model.parameters()))
+        dequantize_model(model)
+        config.pop("quantization", None)
+        config.pop("quantization_config", None)
     model.update(tree_map(cast(DTYPES[dtype]), model.parameters()))
 
 

@@ -10,6 +10,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
+from mlx.utils import tree_flatten
 from mlx_lm.generate import generate_step
 from mlx_lm.utils import load_model as mlx_lm_load_model
 
@@ -231,11 +232,11 @@ def test_a_gguf_base_merges_into_a_folder_that_loads_the_same(tmp_path):
     merged = merge_drafter(gguf, adapter, tmp_path / "merged")
     assert (merged / "tokenizer.json").is_file()
     model, merged_tokenizer = load(merged)
-    with_adapter, _ = load_model(gguf, drafter=adapter)
     assert isinstance(model.layers[3].self_attn.k_proj, nn.QuantizedLinear) and model.model.embed_tokens.bits == 8
-    tokens, ours, theirs = mx.array([[1, 504, 3458, 282]]), model.make_cache(), with_adapter.make_cache()
-    assert mx.array_equal(model(tokens, cache=ours), with_adapter(tokens, cache=theirs))
-    assert mx.array_equal(model.draft(tokens, ours), with_adapter.draft(tokens, theirs))
+    tokens = mx.array([[1, 504, 3458, 282]])
+    assert mx.array_equal(model(tokens), base(tokens))
+    loaded = dict(tree_flatten(model.parameters()))
+    assert all(mx.array_equal(loaded[name], view) for name, view in views.items())
     chat = [{"role": "user", "content": "Hi, 2024?"}]
     assert merged_tokenizer.apply_chat_template(chat) == tokenizer.apply_chat_template(chat)
     assert merged_tokenizer.eos_token_ids == {2}
