@@ -93,7 +93,7 @@ def test_system_prompt_and_no_diffusion(model_path, loaded, capsys):
         (["generate", "--enable-thinking", "maybe"], 2, "unrecognized arguments: maybe"),
         (["generate", "--chat-template-args", "{not json"], 2, "--chat-template-args"),
         (["generate", "--chat-template-args", "[1]"], 2, "expected a JSON object"),
-        (["generate", "--temp", "-1"], 1, "temperature must be >= 0"),
+        (["generate", "--temp", "-1"], 1, "temperature must be in [0, 100]"),
         (["generate", "--top-p", "1.5"], 1, "top_p must be in (0, 1]"),
         (["generate", "--max-tokens", "-3"], 1, "--max-tokens must be >= 0"),
         (["generate", "--block-size", "0"], 2, "--block-size"),
