@@ -28,6 +28,7 @@ from .core.checkpoint import (  # noqa: F401  (re-exported: the loader's public 
 from .drafter import attach_drafter, is_adapter
 from .models import model_classes
 from .models.diffusion import DiffusionModel as Model
+from .named import NAMED_MODELS, resolve_named
 
 # The small trained checkpoint the repo ships: the default of every command.
 DEFAULT_MODEL = Path(__file__).parent / "assets" / "orthrus-tiny"
@@ -42,6 +43,9 @@ def locate(
 
     The one place where what the user named becomes files: fetched from the Hub if need be.
     """
+    if str(path_or_repo) in NAMED_MODELS:
+        base, shipped = resolve_named(str(path_or_repo), drafter is not None)
+        return base, resolve_model_path(drafter) if drafter is not None else shipped
     path = Path(path_or_repo).expanduser()
     base = path if gguf.is_gguf(path) else resolve_model_path(path_or_repo, revision)
     return base, None if drafter is None else resolve_model_path(drafter)
@@ -143,6 +147,9 @@ def load_all(
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     base_path, drafter_path = locate(path_or_repo, drafter, revision)
+    named = NAMED_MODELS.get(str(path_or_repo))
+    if dtype is None and named is not None and mx.default_device() == mx.cpu:
+        dtype = named.cpu_dtype
     load_base = load_gguf if gguf.is_gguf(base_path) else load_folder
     model, config, make_tokenizer = load_base(base_path, drafter_path is not None)
     if drafter_path is not None:

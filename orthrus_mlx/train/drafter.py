@@ -280,6 +280,7 @@ def main(argv=None) -> None:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--bf16", action="store_true", help="autocast to bfloat16 (GPUs)")
     p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--adapter-bits", type=int, choices=[4, 8], default=None, help="quantize the exported adapter")
     p.add_argument("--train-block-sizes", default="4,8,16", help="K drawn per training step")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--device", default="cpu")
@@ -304,10 +305,43 @@ def main(argv=None) -> None:
                           Sequences(read_rollouts(run / "heldout.jsonl"), pad), cfg, run)
         (run / "summary.json").write_text(json.dumps(summary, indent=1))
     if "export" in stages:
-        from .adapter import export_adapter
-
         state = torch.load(run / "checkpoint.pt", weights_only=False)
-        export_adapter(state["diffusion"], config, args.block_size, mask, args.out or run / "adapter")
+        export_adapter(state["diffusion"], weights, config, args.block_size, mask, args.out or run / "adapter",
+                       bits=args.adapter_bits)
+
+
+def export_adapter(diffusion: Dict[str, torch.Tensor], base: Dict[str, np.ndarray], config: dict,
+                   block_size: int, mask_token_id: int, out: Path, bits: Optional[int] = None,
+                   group_size: int = 64) -> None:
+    """Write the adapter folder (docs/BASES.md): the diffusion tensors (affine-quantized to `bits`
+    if given) and a config naming the base they were trained against, fingerprinted on the same
+    weights the base loads with."""
+    import mlx.core as mx
+
+    from orthrus_mlx.drafter import ADAPTER_FORMAT, fingerprint
+
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for name, value in diffusion.items():
+        array = mx.array(value.detach().float().cpu().numpy())
+        if bits and array.ndim == 2:
+            module = name[: -len(".weight")]
+            wq, scales, biases = mx.quantize(array, group_size=group_size, bits=bits)
+            tensors.update({f"{module}.weight": wq, f"{module}.scales": scales, f"{module}.biases": biases})
+        else:
+            tensors[name] = array
+    mx.save_safetensors(str(out / "model.safetensors"), tensors, metadata={"format": "mlx"})
+    description = {k: config[k] for k in ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                                          "num_key_value_heads", "vocab_size")}
+    description["head_dim"] = config.get("head_dim", config["hidden_size"] // config["num_attention_heads"])
+    description["fingerprint"] = fingerprint(
+        base["model.embed_tokens.weight"], base["model.layers.0.self_attn.q_proj.weight"]
+    )
+    adapter = {"orthrus_drafter": ADAPTER_FORMAT, "base": description, "block_size": block_size,
+               "mask_token_id": mask_token_id}
+    if bits:
+        adapter["quantization"] = {"group_size": group_size, "bits": bits}
+    (out / "config.json").write_text(json.dumps(adapter, indent=2) + "\n")
 
 
 def default_mask_token(tokenizer) -> int:
