@@ -329,8 +329,14 @@ def test_existing_target_is_refused_unless_forced(source, tmp_path):
         convert(source, target, progress=False)
     assert (target / "precious.txt").read_text() == "keep me"
 
-    convert(source, target, force=True, progress=False)
-    assert not (target / "precious.txt").exists() and (target / "config.json").is_file()
+    with pytest.raises(FileExistsError, match="--force replaces only a model folder.*holds precious.txt"):
+        convert(source, target, force=True, progress=False)
+    assert (target / "precious.txt").read_text() == "keep me"
+
+    (target / "precious.txt").unlink()
+    convert(source, target, progress=False)
+    convert(source, target, quantize=True, q_group_size=32, force=True, progress=False)  # a model: replaced
+    assert "quantization" in json.loads((target / "config.json").read_text())
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
     empty = tmp_path / "empty"

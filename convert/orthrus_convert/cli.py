@@ -51,7 +51,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--embed-bits", type=bits_or_none, default=None, metavar="{2,3,4,5,6,8,none}",
         help="Bits for embed_tokens and lm_head; none keeps them unquantized (default: --q-bits).",
     )
-    parser.add_argument("--force", action="store_true", help="Replace a non-empty --mlx-path.")
+    parser.add_argument(
+        "--force", action="store_true",
+        help="Replace a non-empty --mlx-path, only if it is a model folder: config.json, *.safetensors "
+        "and checkpoint files (*.json, *.jinja, tokenizer files, *.md, LICENSE*), nothing else.",
+    )
     parser.add_argument(
         "--max-shard-size-gb", type=float, default=MAX_FILE_SIZE_GB,
         help=f"Largest output shard (default {MAX_FILE_SIZE_GB}).",

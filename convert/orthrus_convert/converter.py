@@ -7,34 +7,26 @@ biases), not one tensor, let alone the model.
 
 import shutil
 import sys
-import warnings
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, List, Optional, Tuple, Union
 
 import mlx.core as mx
 from mlx_lm.utils import MAX_FILE_SIZE_GB, save_config
 
-from .plan import DTYPES, TensorPlan, make_plan, make_recipe
-from .source import open_source
-from .writer import ShardedWriter, staging_folder
+from orthrus_mlx.core.checkpoint import check_finite
+
+from .plan import DTYPES, SAFETENSORS_TO_DTYPE, TensorPlan, make_plan, make_recipe
+from .source import open_source, read_rows
+from .target import check_target, remove_stale_staging, staging_folder
+from .writer import ShardedWriter
 
 # Everything of the source folder but its weights and config: tokenizer, chat template,
-# generation config, model card. Remote code (*.py) is not copied: it is never run.
-CARRIED_FILES = ["*.json", "*.jinja", "*.txt", "tokenizer.model", "*.tiktoken", "README.md"]
+# generation config, model card. Remote code (*.py) is not copied: it is never run. All are
+# MODEL_FILES, so --force can replace the output later.
+CARRIED_FILES = ["*.json", "*.jinja", "merges.txt", "vocab.txt", "tokenizer.model", "*.tiktoken", "README.md"]
 NOT_CARRIED = {"config.json", "model.safetensors.index.json"}
 # Rows per block are chosen so a block holds about this many elements (64 MB in float32).
 CHUNK_ELEMENTS = 1 << 24
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
-
-
-def check_target(target: Path, source: Path, force: bool) -> None:
-    if target.exists() and not target.is_dir():
-        raise FileExistsError(f"--mlx-path {target} is a file, not a folder")
-    if target.exists() and any(target.iterdir()) and not force:
-        raise FileExistsError(f"--mlx-path {target} exists and is not empty; pass --force to replace it")
-    t, s = target.resolve(), source.resolve()
-    if t == s or s in t.parents or t in s.parents:
-        raise ValueError(f"--mlx-path {target} overlaps the source checkpoint {source}")
 
 
 def row_blocks(shape: Tuple[int, ...]) -> List[Tuple[int, int]]:
@@ -57,17 +49,25 @@ def write_tensor(writer: ShardedWriter, plan: TensorPlan) -> None:
     source, dtype = plan.source, DTYPES[plan.dtype]
     names = [name for name, _, _ in plan.outputs()]
     blocks = row_blocks(source.shape)
+
+    def rows(a: int, b: int) -> mx.array:
+        """Rows [a, b) in the output dtype; NaN or inf (in the source or from the cast) refused by name."""
+        w = read_rows(source, a, b).astype(dtype)
+        cast = plan.dtype if plan.dtype != SAFETENSORS_TO_DTYPE[source.dtype] else None
+        check_finite(source.file, {source.name: mx.isfinite(w).all().item()}, cast)
+        return w
+
     if len(source.shape) < 2:
-        writer.write(names[0], [source.read_rows(0, blocks[0][1]).astype(dtype)])
+        writer.write(names[0], [rows(0, blocks[0][1])])
         return
     if plan.quant is None:
-        writer.write(names[0], (source.read_rows(a, b).astype(dtype) for a, b in blocks))
+        writer.write(names[0], (rows(a, b) for a, b in blocks))
         return
     scales, biases = [], []
 
     def packed() -> Iterator[mx.array]:
         for a, b in blocks:
-            w = source.read_rows(a, b).astype(dtype)
+            w = rows(a, b)
             w, s, z = mx.quantize(w, plan.quant.group_size, plan.quant.bits, mode="affine")
             mx.eval(w, s, z)
             scales.append(s)
@@ -103,12 +103,6 @@ def copy_side_files(source: Path, folder: Path) -> None:
             if file.is_file() and file.name not in NOT_CARRIED and file.name not in copied:
                 shutil.copy(file, folder / file.name)
                 copied.add(file.name)
-    if not copied.intersection(TOKENIZER_FILES):
-        warnings.warn(
-            f"No tokenizer files in {source}: the output loads with orthrus_mlx.load_model "
-            "but not with orthrus_mlx.load",
-            stacklevel=3,
-        )
 
 
 def tqdm_progress(plans: List[TensorPlan]) -> Iterable[TensorPlan]:
@@ -137,13 +131,16 @@ def convert(
     With `quantize`, linear layers and embeddings get `q_bits`/`q_group_size` (4/64);
     `diffusion_bits` and `embed_bits` override the diffusion view's projections and
     embed_tokens/lm_head: None follows `q_bits`, 0 leaves them unquantized.
-    Everything is checked before anything is written; the folder appears only complete.
+    Everything is checked before anything is written, with the loader's own checks; the
+    folder appears only complete. `force` replaces an existing `mlx_path` only when it is a
+    model folder (see `target.py`).
     """
     recipe = make_recipe(quantize, q_bits, q_group_size, diffusion_bits, embed_bits)
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"Unsupported dtype {dtype!r}: choose one of {sorted(DTYPES)}")
     source = open_source(hf_path, revision)
     target = Path(mlx_path).expanduser()
+    remove_stale_staging(target)
     check_target(target, source.path, force)
     plans, config = make_plan(source, recipe, dtype)
 

@@ -21,10 +21,10 @@ from orthrus_mlx.core.checkpoint import is_diffusion_tensor
 from orthrus_mlx.drafter import adapter_config
 from orthrus_mlx.loader import load, load_model, locate
 
-from .converter import check_target, copy_side_files, tqdm_progress, write_weights
+from .converter import copy_side_files, tqdm_progress, write_weights
 from .plan import make_plan, make_recipe
 from .source import open_source, read_raw_config
-from .writer import staging_folder
+from .target import check_target, staging_folder
 
 ORTHRUS_FIELDS = ("block_size", "mask_token_id")
 

@@ -1,4 +1,4 @@
-"""Write safetensors shards one tensor at a time, into a folder that only appears when complete.
+"""Write safetensors shards one tensor at a time (into a staging folder, see target.py).
 
 mlx-lm's `save_model` holds a whole shard (5 GB) in memory before writing it. Here every
 shard's header is laid out up front from the planned shapes, so each tensor goes to disk as
@@ -6,12 +6,8 @@ soon as it is computed and memory holds one tensor at a time.
 """
 
 import json
-import os
-import shutil
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import mlx.core as mx
 from mlx_lm.utils import MAX_FILE_SIZE_GB
@@ -130,28 +126,3 @@ def safetensors_header(specs: Sequence[Spec], metadata: Optional[Dict[str, str]]
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)
     return len(text).to_bytes(8, "little") + text
-
-
-@contextmanager
-def staging_folder(target: Path, replace: bool = False) -> Iterator[Path]:
-    """A hidden temporary folder beside `target`, renamed to it only on success.
-
-    Whatever stops the body (an error, Ctrl-C) removes the temporary folder, so an
-    interrupted run never leaves a folder that looks like a converted model.
-    """
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
-    try:
-        yield tmp
-        if target.exists():
-            if not replace and any(target.iterdir()):
-                raise FileExistsError(f"{target} appeared during the conversion; not replacing it")
-            old = tmp.with_suffix(".old")
-            os.rename(target, old)
-            os.rename(tmp, target)
-            shutil.rmtree(old)
-        else:
-            os.rename(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise

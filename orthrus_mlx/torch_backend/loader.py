@@ -5,20 +5,24 @@ names into `Model`. Defaults: bfloat16 on CUDA, float32 on CPU.
 """
 
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, Optional, Tuple, Union
 
 import torch
 from safetensors import safe_open
 
 from ..core.checkpoint import (
-    check_diffusion_config,
+    check_against_config,
+    check_finite,
+    check_float_tensors,
     check_orthrus_fields,
     check_tensor_shapes,
+    checkpoint_tensors,
     read_config,
     resolve_model_path,
-    tensor_shapes,
+    shapes_of,
     weight_files,
 )
+from ..core.config_checks import check_required
 from .model import Model, ModelArgs
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -28,7 +32,7 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def model_args(config: Dict[str, Any]) -> ModelArgs:
+def model_args(config: Dict[str, Any], config_file: Union[str, Path] = "config.json") -> ModelArgs:
     if "quantization" in config:
         raise ValueError(
             "This is an MLX-quantized folder: the PyTorch backend loads the original "
@@ -41,16 +45,10 @@ def model_args(config: Dict[str, Any]) -> ModelArgs:
         raise NotImplementedError(
             f"RoPE scaling {rope_type!r} is not implemented in the PyTorch backend (plain RoPE only)."
         )
+    check_required(config, ModelArgs, config_file, "Qwen3")
     args = ModelArgs.from_dict(config)
     check_orthrus_fields(args)
     return args
-
-
-def check_tensors(args: ModelArgs, expected: Dict[str, List[int]], files: List[Path]) -> None:
-    """Name every missing, unexpected or misshapen tensor before loading any data."""
-    given = tensor_shapes(files)
-    check_diffusion_config(args, given)
-    check_tensor_shapes(args, expected, given)
 
 
 def load_model(
@@ -66,12 +64,16 @@ def load_model(
     torch_dtype = DTYPES[dtype] if dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     model_path = resolve_model_path(path_or_repo, revision)
     config = read_config(model_path)
-    args = model_args(config)
+    args = model_args(config, model_path / "config.json")
+    files = weight_files(model_path)
+    infos = checkpoint_tensors(files)
+    given = shapes_of(infos)
+    check_against_config(args, given, model_path)  # before any model is built
+    check_float_tensors(infos.values())
     with torch.device("meta"):
         model = Model(args)
     expected = {k: list(v.shape) for k, v in model.state_dict().items()}
-    files = weight_files(model_path)
-    check_tensors(args, expected, files)
+    check_tensor_shapes(args, expected, given)
 
     weights = {}
     for f in files:
@@ -83,6 +85,7 @@ def load_model(
         # A plain Qwen3: the unused diffusion slots share the AR tensors (no copy, never run).
         for name in [k for k in expected if k not in weights]:
             weights[name] = weights[name.replace("_diff", "")]
+    check_finite(model_path, {k: bool(torch.isfinite(w).all()) for k, w in weights.items()}, dtype)
     model.load_state_dict(weights, strict=True, assign=True)
     return model.eval().requires_grad_(False), config
 
