@@ -7,6 +7,7 @@ Ctrl-D ends. With stdin not a terminal, each line is one user message.
 """
 
 import argparse
+import itertools
 import signal
 import sys
 import threading
@@ -28,6 +29,7 @@ from .flags import (
     template_kwargs,
     with_system,
 )
+from .text_input import check_text, read_line
 
 HELP = "/reset starts over, /stats shows the figures, /quit (or Ctrl-D) ends; Ctrl-C stops an answer."
 
@@ -147,14 +149,13 @@ def ctrl_c_flag() -> Iterator[threading.Event]:
         signal.signal(signal.SIGINT, previous)
 
 
-def read_message(interactive: bool) -> Optional[str]:
-    """The next user message; None at end of input (Ctrl-D)."""
+def read_message(interactive: bool, what: str) -> Optional[str]:
+    """The next user message; None at end of input (Ctrl-D). ValueError for text that is not UTF-8."""
     if not interactive:
-        line = sys.stdin.readline()
-        return None if line == "" else line.rstrip("\n")
+        return read_line(sys.stdin, what)
     while True:
         try:
-            return input(">> ")
+            return check_text(input(">> "), what)
         except EOFError:
             print()
             return None
@@ -171,6 +172,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     sampling_params(args)
     template = template_kwargs(args)
+    check_text(args.system_prompt, "--system-prompt")
     model, tokenizer = load_from_args(args)
     session = ChatSession(
         model,
@@ -183,8 +185,12 @@ def run(args: argparse.Namespace) -> int:
     interactive = sys.stdin.isatty()
     if interactive:
         print(f"[{HELP}]")
-    while True:
-        message = read_message(interactive)
+    for line in itertools.count(1):
+        try:
+            message = read_message(interactive, f"Input line {line}")
+        except ValueError as e:  # that line is reported and skipped; the conversation goes on
+            print(f"[error: {e}]", flush=True)
+            continue
         if message is None or message.strip() == "/quit":
             break
         try:

@@ -175,8 +175,12 @@ def chat_text(tokenizer, messages: List[Dict[str, Any]], template_args: Dict[str
 def chat_prompt(
     tokenizer, messages: List[Dict[str, Any]], template_args: Dict[str, Any]
 ) -> List[int]:
-    """The token ids of `chat_text`."""
-    return tokenizer.encode(chat_text(tokenizer, messages, template_args), add_special_tokens=False)
+    """The token ids of `chat_text`; a template that fails is one ValueError line, not a traceback."""
+    try:
+        text = chat_text(tokenizer, messages, template_args)
+    except Exception as e:  # the template raised (raise_exception), does not parse, or was misused
+        raise ValueError(f"The chat template failed: {' '.join(str(e).split())}") from e
+    return tokenizer.encode(text, add_special_tokens=False)
 
 
 def with_system(system_prompt: Optional[str], messages: List[Dict[str, Any]]) -> List[Dict[str, Any]]:

@@ -16,6 +16,7 @@ from .flags import (
     template_kwargs,
     with_system,
 )
+from .text_input import check_text, read_all
 
 DEFAULT_PROMPT = "hello"
 DEFAULT_MAX_TOKENS = 256
@@ -46,9 +47,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     sampling_params(args)
     kwargs = template_kwargs(args)
-    prompt = args.prompt.replace("\\n", "\n").replace("\\t", "\t")
+    check_text(args.system_prompt, "--system-prompt")
+    prompt = check_text(args.prompt, "--prompt").replace("\\n", "\n").replace("\\t", "\t")
     if prompt == "-":
-        prompt = sys.stdin.read()
+        prompt = read_all(sys.stdin, "The prompt on stdin")
     model, tokenizer = load_from_args(args)
     if not args.ignore_chat_template and tokenizer.has_chat_template:
         messages = with_system(args.system_prompt, [{"role": "user", "content": prompt}])
