@@ -8,7 +8,7 @@ answers wrongly. Each failure is one line naming the file and the field.
 import dataclasses
 import math
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Iterable, Optional
 
 MAX_SIZE = 2**31  # the largest dimension MLX (int32 shapes) can build
 # Sizes: integers in [1, MAX_SIZE) wherever they are given.
@@ -116,12 +116,17 @@ def check_token_ids(config: Dict[str, Any], field: str, file: Path, vocab: Optio
         )
 
 
-def check_required(config: Dict[str, Any], args_class: Any, file: Path, what: str) -> None:
-    """The fields `args_class` (a dataclass) has no default for must be given, and not null."""
+def check_required(
+    config: Dict[str, Any], args_class: Any, file: Path, what: str, derived: Iterable[str] = ()
+) -> None:
+    """The fields `args_class` (a dataclass) has no default for must be given, and not null,
+    but for those its `from_dict` derives from others (`derived`)."""
     required = [
         f.name
         for f in dataclasses.fields(args_class)
-        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        if f.default is dataclasses.MISSING
+        and f.default_factory is dataclasses.MISSING
+        and f.name not in derived
     ]
     missing = [name for name in required if config.get(name) is None]
     if missing:

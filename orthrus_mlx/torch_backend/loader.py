@@ -45,7 +45,7 @@ def model_args(config: Dict[str, Any], config_file: Union[str, Path] = "config.j
         raise NotImplementedError(
             f"RoPE scaling {rope_type!r} is not implemented in the PyTorch backend (plain RoPE only)."
         )
-    check_required(config, ModelArgs, config_file, "Qwen3")
+    check_required(config, ModelArgs, config_file, "model", derived=("head_dim",))
     args = ModelArgs.from_dict(config)
     check_orthrus_fields(args)
     return args
