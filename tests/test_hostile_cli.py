@@ -57,13 +57,12 @@ def models(tmp_path_factory) -> Dict[str, Path]:
     }
 
 
-def run_all(cases: Dict[str, Tuple[Sequence[Arg], Optional[bytes]]], home: Path) -> Dict[str, subprocess.CompletedProcess]:
+def run_all(cases: Dict[str, Tuple[Sequence[Arg], Optional[bytes]]]) -> Dict[str, subprocess.CompletedProcess]:
     """`python -m orthrus_mlx ARGS` for every case at once; arguments and stdin may be raw bytes."""
-    env = dict(cli_env(), HOME=str(home), ORTHRUS_MLX_CACHE=str(home / "cache"), HF_HUB_OFFLINE="1")
     procs = {
         name: subprocess.Popen(
             [sys.executable.encode(), b"-m", b"orthrus_mlx", *[os.fsencode(a) for a in args]],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=cli_env(),
         )
         for name, (args, _) in cases.items()
     }
@@ -107,14 +106,14 @@ BOOM_LINES = b"hello\nboom\nagain\n/stats\n"
 
 
 @pytest.fixture(scope="module")
-def runs(models, tmp_path_factory):
+def runs(models):
     cases = {
         name: (command(models, cmd, model, *args), stdin)
         for name, (cmd, model, args, stdin, _, _) in PROCESS_CASES.items()
     }
     cases["chat_not_utf8"] = (command(models, "chat", "good"), CHAT_LINES)
     cases["chat_template_raises"] = (command(models, "chat", "raising"), BOOM_LINES)
-    return run_all(cases, tmp_path_factory.mktemp("home"))
+    return run_all(cases)
 
 
 def assert_one_line_error(returncode: int, stderr: str, status, message: str, name: str) -> None:
@@ -134,9 +133,7 @@ def test_generate_process_answers_bad_bytes_with_one_line(runs, case):
 
 
 @pytest.mark.parametrize("case", sorted(IN_PROCESS_CASES))
-def test_commands_answer_hostile_input_with_one_line(models, case, tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("HOME", str(tmp_path))
-    monkeypatch.setenv("ORTHRUS_MLX_CACHE", str(tmp_path / "cache"))
+def test_commands_answer_hostile_input_with_one_line(models, case, capsys):
     name, model, args, status, message = IN_PROCESS_CASES[case]
     try:
         returncode = main(command(models, name, model, *args))
