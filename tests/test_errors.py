@@ -22,7 +22,7 @@ def model(tmp_path_factory):
         ([1, 300], {}, r"outside the vocabulary \[0, 300\): \[300\]"),
         ([-1, 2], {}, "outside the vocabulary"),
         ([1] * 500, {"max_tokens": 20}, "exceeds the model's context of 512"),
-        ([1], {"temperature": -0.5}, "temperature must be >= 0"),
+        ([1], {"temperature": -0.5}, r"temperature must be in \[0, 100\]"),
         ([1], {"top_p": 0.0}, r"top_p must be in \(0, 1\]"),
         ([1], {"top_p": 1.5}, r"top_p must be in \(0, 1\]"),
         ([1], {"top_k": -1}, "top_k must be an integer >= 0"),
