@@ -102,10 +102,7 @@ def test_corrupt_safetensors_header(tmp_path):
 
 @pytest.mark.parametrize(
     "overrides,message",
-    [
-        ({"mask_token_id": 300}, "mask_token_id 300 is outside"),
-        ({"block_size": 1}, "block_size must be an integer >= 2"),
-    ],
+    [({"mask_token_id": 300}, "mask_token_id 300 is outside"), ({"block_size": 1}, "block_size must be >= 2")],
 )
 def test_bad_orthrus_fields(tmp_path, overrides, message):
     with pytest.raises(ValueError, match=message):

@@ -289,7 +289,7 @@ def check_orthrus_fields(args: Any) -> None:
         )
         return
     if not (is_int(args.block_size) and args.block_size >= 2):
-        raise ValueError(f"block_size must be an integer >= 2, got {args.block_size!r}")
+        raise ValueError(f"block_size must be >= 2 (an integer), got {args.block_size!r}")
     if not (is_int(args.mask_token_id) and 0 <= args.mask_token_id < args.vocab_size):
         raise ValueError(f"mask_token_id {args.mask_token_id!r} is outside the vocabulary [0, {args.vocab_size})")
 

@@ -72,7 +72,7 @@ def check_config(config: Dict[str, Any], file: Path) -> None:
         refuse("tie_word_embeddings", "true or false")
     block = config.get("block_size")
     if block is not None and not (is_int(block) and 2 <= block < MAX_SIZE):
-        refuse("block_size", "an integer >= 2")
+        refuse("block_size", ">= 2 (an integer)")
     vocab = config.get("vocab_size")
     mask = config.get("mask_token_id")
     if mask is not None and not is_int(mask):
