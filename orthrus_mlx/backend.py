@@ -1,22 +1,21 @@
 """The MLX backend: the model passes of one generation over an explicit per-layer KV cache."""
 
+import sys
 from typing import Any, List, Optional, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.sample_utils import apply_top_k, apply_top_p
 
-from .core.costs import adaptive_policy, machine_key
+from . import passes
+from .core.costs import CostStore, adaptive_policy, machine_key, source_hash
 from .core.policy import AdaptiveBlock
 from .core.sampling import SamplingParams
-from .core.step import Scores, per_model
+from .core.step import Scores
+from .loader import lay_out_for_cpu
 from .models.qwen3 import Model
-from .passes import compiled_passes
 
 PREFILL_STEP_SIZE = 2048
-# Part of the step-cost cache key: change it when a change to the passes or the
-# weight layout changes what a step costs, so that old calibrations are not reused.
-STEP_IMPLEMENTATION = "compiled passes; float32 weights stored transposed on the CPU"
 
 
 def log_probs(logits: mx.array, params: SamplingParams) -> mx.array:
@@ -36,7 +35,7 @@ class MLXBackend:
     def __init__(self, model: Model, cache: List[Any], seed: Optional[int] = None):
         self.model = model
         self.cache = cache
-        self.passes = compiled_passes(model)
+        self.passes = passes.compiled_passes(model)
         self.vocab_size = model.args.vocab_size
         self.max_positions = model.args.max_position_embeddings
         self.key = mx.random.key(seed) if seed is not None else None
@@ -106,35 +105,28 @@ class MLXBackend:
         return self.cache[0].offset
 
 
-def model_key(model: Model) -> str:
-    """MLX version, device, architecture, dtype and quantization of a model, on this machine."""
+def cost_key(model: Model) -> str:
+    """What a step's cost depends on: this machine, MLX and its device, the code that runs a
+    step (passes, backend, model class, weight layout), the shapes, dtype and quantization."""
     quant = [
         (name, m.bits, m.group_size)
         for name, m in model.named_modules()
         if isinstance(m, nn.QuantizedLinear) and name.startswith("model.layers.0.")
     ]
     layer = model.layers[0].self_attn
+    code = source_hash(passes, MLXBackend, sys.modules[type(model).__module__], lay_out_for_cpu)
     return machine_key(
-        "mlx", mx.__version__, str(mx.default_device()), STEP_IMPLEMENTATION, repr(model.args),
+        "mlx", mx.__version__, str(mx.default_device()), code, repr(model.args),
         str(layer.q_proj.weight.dtype), repr(sorted(quant)),
     )
 
 
-def adaptive_block(model: Model) -> AdaptiveBlock:
-    """The adaptive policy over this machine's measured step costs for `model`.
+def adaptive_block(model: Model, store: Optional[CostStore] = None) -> AdaptiveBlock:
+    """A fresh adaptive block policy for `model`, over this machine's step costs (measured on
+    first use and kept in `store`: the process's memory when None, as for `block_size="auto"`).
 
-    One per model object: its acceptance statistics carry over from one
-    generation to the next, so a new prompt does not relearn them, and are
-    kept with the step costs, so a new process does not either.
+    Pass it as `block_size` to every generation that should share what it learns
+    (acceptance, cost corrections): the commands keep one per process.
     """
-
     make_backend = lambda: MLXBackend(model, model.make_cache())
-    make = lambda: adaptive_policy(model_key(model), weights_fingerprint(model), make_backend, model.block_size)
-    return per_model(model, "_adaptive_block", make)
-
-
-def weights_fingerprint(model: Model) -> str:
-    """A few weights of both views, so that two checkpoints of one shape learn apart."""
-    first, last = model.layers[0].self_attn, model.layers[-1].self_attn
-    sample = [first.q_proj.weight, first.q_proj_diff.weight, last.o_proj_diff.weight]
-    return repr([w[0, :8].astype(mx.float32).tolist() for w in sample])
+    return adaptive_policy(cost_key(model), make_backend, model.block_size, store)

@@ -8,10 +8,9 @@ import mlx.core as mx
 from mlx_lm.generate import GenerationResponse as MLXGenerationResponse
 
 from .backend import MLXBackend, adaptive_block
-from .core.costs import remembering
-from .core.policy import block_policy
+from .core.policy import BlockPolicy
 from .core.sampling import SamplingParams
-from .core.step import DecodeStats, as_token_list, decode, eos_set
+from .core.step import DecodeStats, Step, as_token_list, eos_set, generate_steps, token_ids
 from .models.qwen3 import Model
 
 
@@ -26,35 +25,46 @@ def mlx_generate(
     seed: Optional[int] = None,
     use_diffusion: bool = True,
     *,
-    block_size: Union[int, str, None] = None,
+    block_size: Union[int, str, BlockPolicy, None] = None,
     prompt_cache: Optional[List[Any]] = None,
     stats: Optional[DecodeStats] = None,
 ) -> Iterator[int]:
     """Yield accepted token ids one at a time; output is exactly the base model's.
 
     `eos_token_id` (an int or a list) is joined with the EOS ids of the model's
-    config. `block_size`: the checkpoint's K when None, a fixed length, or
-    "auto" to choose each step's length from measured step costs and running
-    acceptance. `prompt_cache` (from `model.make_cache()`) may already hold
+    config. `block_size`: the checkpoint's K when None, a fixed length, "auto"
+    (a fresh `adaptive_block(model)`: each step's length from measured step costs
+    and running acceptance), or a policy object kept by the caller across
+    generations. `prompt_cache` (from `model.make_cache()`) may already hold
     earlier tokens; then `prompt_tokens` are only the new ones, as in mlx-lm.
     """
     params = SamplingParams(temperature, top_p, top_k, seed)
-    block_size = block_policy(
-        block_size, use_diffusion and model.has_diffusion, model.block_size, lambda: adaptive_block(model)
+    steps = mlx_generate_steps(
+        model, prompt_tokens, eos_token_id, max_tokens, params,
+        use_diffusion=use_diffusion, block_size=block_size, prompt_cache=prompt_cache,
     )
+    yield from token_ids(steps, stats)
+
+
+def mlx_generate_steps(
+    model: Model,
+    prompt_tokens: Union[Sequence[int], mx.array],
+    eos_token_id: Union[int, Iterable[int], None] = None,
+    max_tokens: int = 256,
+    params: SamplingParams = SamplingParams(),
+    *,
+    use_diffusion: bool = True,
+    block_size: Union[int, str, BlockPolicy, None] = None,
+    prompt_cache: Optional[List[Any]] = None,
+) -> Iterator[Step]:
+    """`mlx_generate`'s decoding as `Step` records: which tokens were accepted drafts."""
     cache = prompt_cache if prompt_cache is not None else model.make_cache()
-    backend = MLXBackend(model, cache, seed)
-    eos = eos_set(eos_token_id) | eos_set(model.args.eos_token_id)
-    tokens = decode(
-        backend,
-        as_token_list(prompt_tokens),
-        max_tokens=max_tokens,
-        eos_token_id=eos,
-        params=params,
-        block_size=block_size,
-        stats=stats,
+    yield from generate_steps(
+        model,
+        lambda prompt, policy: MLXBackend(model, cache, params.seed),
+        lambda: adaptive_block(model),
+        prompt_tokens, eos_token_id, max_tokens, params, use_diffusion, block_size,
     )
-    yield from remembering(tokens, block_size)
 
 
 @dataclass
@@ -63,6 +73,12 @@ class GenerationResponse(MLXGenerationResponse):
 
     steps: int = 0
     mean_tokens_per_step: float = 0.0
+
+
+def add_special_tokens(tokenizer, text: str) -> bool:
+    """Whether encoding `text` adds the tokenizer's BOS: not when the text already starts with it."""
+    bos = getattr(tokenizer, "bos_token", None)
+    return bos is None or not text.startswith(bos)
 
 
 def stream_generate(
@@ -74,55 +90,45 @@ def stream_generate(
 ) -> Iterator[GenerationResponse]:
     """Stream text as tokens are accepted; `kwargs` are `mlx_generate`'s options."""
     if isinstance(prompt, str):
-        bos = getattr(tokenizer, "bos_token", None)
-        add_special = bos is None or not prompt.startswith(bos)
-        prompt = tokenizer.encode(prompt, add_special_tokens=add_special)
+        prompt = tokenizer.encode(prompt, add_special_tokens=add_special_tokens(tokenizer, prompt))
     prompt = as_token_list(prompt)
     eos = eos_set(kwargs.pop("eos_token_id", None)) | set(tokenizer.eos_token_ids)
     stats = kwargs.pop("stats", None) or DecodeStats()
     if kwargs.get("block_size") == "auto" and kwargs.get("use_diffusion", True) and model.has_diffusion:
-        adaptive_block(model)  # a first use measures step costs: keep that out of the prompt time
+        kwargs["block_size"] = adaptive_block(model)  # measuring step costs is no prompt time
 
     detokenizer = tokenizer.detokenizer
     detokenizer.reset()
     tic = time.perf_counter()
-    prompt_tps = 0.0
-    steps_seen, index_in_step = 0, 0
-    tokens = mlx_generate(model, prompt, eos, max_tokens, stats=stats, **kwargs)
-    for n, token in enumerate(tokens, start=1):
-        if n == 1:
-            prompt_time = time.perf_counter() - tic
-            prompt_tps = len(prompt) / prompt_time
+    prompt_tps, n = 0.0, 0
+    sampling = SamplingParams(**{k: kwargs.pop(k) for k in ("temperature", "top_p", "top_k", "seed") if k in kwargs})
+    for step in mlx_generate_steps(model, prompt, eos, max_tokens, sampling, **kwargs):
+        stats.record(step)
+        if n == 0:
+            prompt_tps = len(prompt) / (time.perf_counter() - tic)
             tic = time.perf_counter()
-        if stats.steps != steps_seen:
-            steps_seen, index_in_step = stats.steps, 0
-        from_draft = steps_seen > 0 and index_in_step < stats.tokens_per_step[-1] - 1
-        index_in_step += 1
-
-        finish = None
-        if token in eos:
-            finish = "stop"
-        elif n == max_tokens:
-            finish = "length"
-        if token not in eos:
-            detokenizer.add_token(token)
-        if finish:
-            detokenizer.finalize()
-        elapsed = time.perf_counter() - tic
-        yield GenerationResponse(
-            text=detokenizer.last_segment,
-            token=token,
-            logprobs=None,
-            from_draft=from_draft,
-            prompt_tokens=len(prompt),
-            prompt_tps=prompt_tps,
-            generation_tokens=n,
-            generation_tps=(n - 1) / elapsed if n > 1 and elapsed > 0 else 0.0,
-            peak_memory=mx.get_peak_memory() / 1e9,
-            finish_reason=finish,
-            steps=stats.steps,
-            mean_tokens_per_step=stats.mean_tokens_per_step,
-        )
+        for i, token in enumerate(step.tokens):
+            n += 1
+            finish = "stop" if token in eos else "length" if n == max_tokens else None
+            if token not in eos:
+                detokenizer.add_token(token)
+            if finish:
+                detokenizer.finalize()
+            elapsed = time.perf_counter() - tic
+            yield GenerationResponse(
+                text=detokenizer.last_segment,
+                token=token,
+                logprobs=None,
+                from_draft=i < step.accepted,
+                prompt_tokens=len(prompt),
+                prompt_tps=prompt_tps,
+                generation_tokens=n,
+                generation_tps=(n - 1) / elapsed if n > 1 and elapsed > 0 else 0.0,
+                peak_memory=mx.get_peak_memory() / 1e9,
+                finish_reason=finish,
+                steps=stats.steps,
+                mean_tokens_per_step=stats.mean_tokens_per_step,
+            )
 
 
 def generate(

@@ -1,18 +1,22 @@
 """The shared decoding step: a scripted backend, then greedy MLX decoding vs mlx-lm's own AR loop."""
 
+import json
+import shutil
+
 import mlx.core as mx
 import numpy as np
 import pytest
 from mlx_lm.generate import generate_step
 from mlx_lm.models import qwen3
 
-from orthrus_mlx import DecodeStats, load_model, mlx_generate
-from orthrus_mlx.backend import adaptive_block
-from orthrus_mlx.cli.bench import randomize_diffusion
-from orthrus_mlx.core.costs import machine_key
+from orthrus_mlx import DecodeStats, load_model, mlx_generate, stream_generate
+from orthrus_mlx.backend import adaptive_block, cost_key
+from orthrus_mlx.core import costs
+from orthrus_mlx.core.costs import CostStore, machine_key, user_store
 from orthrus_mlx.core.policy import AdaptiveBlock
 from orthrus_mlx.core.sampling import SamplingParams
-from orthrus_mlx.core.step import Scores, accept, decode
+from orthrus_mlx.core.step import Scores, accept, decode, token_ids
+from orthrus_mlx.generate import mlx_generate_steps
 from orthrus_mlx.testing import random_weights, save_checkpoint, tiny_config
 
 
@@ -48,10 +52,15 @@ class ScriptedBackend:
         return self.cache
 
 
+def run(backend, prompt, stats=None, **options):
+    """decode()'s tokens, one at a time, its steps counted in `stats`."""
+    return list(token_ids(decode(backend, prompt, **options), stats))
+
+
 @pytest.mark.parametrize("good", [0, 2, 7, 100])
 def test_step_emits_accepted_drafts_plus_bonus_and_trims_the_cache(good):
     backend, stats = ScriptedBackend(good), DecodeStats()
-    out = list(decode(backend, [3, 4], max_tokens=20, eos_token_id=None, block_size=8, stats=stats))
+    out = run(backend, [3, 4], stats, max_tokens=20, eos_token_id=None, block_size=8)
     assert out == [(5 + i) % 50 for i in range(20)]
     per_step = min(good, 7) + 1
     assert stats.tokens_per_step[:-1] == [per_step] * (len(stats.tokens_per_step) - 1)
@@ -64,19 +73,43 @@ def test_step_emits_accepted_drafts_plus_bonus_and_trims_the_cache(good):
 
 def test_block_shrinks_to_fit_max_tokens_and_stops_at_eos_inside_a_block():
     backend = ScriptedBackend(good=100)
-    out = list(decode(backend, [0], max_tokens=12, eos_token_id=None, block_size=8))
+    out = run(backend, [0], max_tokens=12, eos_token_id=None, block_size=8)
     assert len(out) == 12
     assert [length for kind, _, length in backend.passes if kind == "verify"] == [8, 3]
 
     backend, stats = ScriptedBackend(good=100), DecodeStats()
-    out = list(decode(backend, [0], max_tokens=30, eos_token_id=[6, 40], block_size=8, stats=stats))
+    out = run(backend, [0], stats, max_tokens=30, eos_token_id=[6, 40], block_size=8)
     assert out == list(range(1, 7))
-    assert sum(stats.tokens_per_step) + 1 > len(out)  # the step that found EOS was cut short
+    assert stats.tokens_per_step == [5]  # the step drafted 7 and all were right, but EOS came 5th
+
+
+@pytest.mark.parametrize("good", [0, 3, 100])
+def test_steps_count_only_the_tokens_emitted(good):
+    """Cut by EOS or by max_tokens, a step counts what it emitted, not what it accepted."""
+    for max_tokens, eos in [(30, [6, 17]), (13, None), (1, None)]:
+        stats = DecodeStats()
+        out = run(ScriptedBackend(good), [0], stats, max_tokens=max_tokens, eos_token_id=eos, block_size=8)
+        assert 1 + sum(stats.tokens_per_step) == len(out)
+        assert stats.prompt_tokens == 1
+
+
+@pytest.mark.parametrize("good", [0, 2, 100])
+def test_step_records_say_which_tokens_are_accepted_drafts(good):
+    steps = list(decode(ScriptedBackend(good), [0], max_tokens=40, eos_token_id=None, block_size=5))
+    assert (steps[0].tokens, steps[0].drafted, steps[0].accepted) == ([1], 0, 0)  # the prefill's
+    emitted = 1
+    for step in steps[1:]:
+        # L - 1 drafted, the first `good` right: accepted drafts, then the verify pass's bonus.
+        drafted = min(5, 40 - emitted) - 1
+        accepted = min(good, drafted)
+        assert (step.drafted, step.accepted, len(step.tokens)) == (drafted, accepted, accepted + 1)
+        emitted += len(step.tokens)
+    assert [t for s in steps for t in s.tokens] == list(range(1, 41))
 
 
 def test_ar_mode_runs_no_draft_pass():
     backend = ScriptedBackend(good=100)
-    assert list(decode(backend, [0], max_tokens=5, eos_token_id=None, block_size=1)) == [1, 2, 3, 4, 5]
+    assert run(backend, [0], max_tokens=5, eos_token_id=None, block_size=1) == [1, 2, 3, 4, 5]
     assert {kind for kind, _, _ in backend.passes} == {"verify"}
 
 
@@ -86,9 +119,9 @@ def test_sampling_acceptance_stops_at_first_rejection():
             return 0.5
 
     scores = Scores(draft=[1, 2, 3], target=[7, 8, 9, 10], ratio=[1.0, 0.9, 0.2])
-    assert accept(scores, SamplingParams(temperature=1.0), Always()) == [1, 2, 9]
+    assert accept(scores, SamplingParams(temperature=1.0), Always()) == 2
     scores = Scores(draft=[1, 2], target=[7, 8, 9], ratio=[2.0, 1.0])
-    assert accept(scores, SamplingParams(temperature=1.0), Always()) == [1, 2, 9]
+    assert accept(scores, SamplingParams(temperature=1.0), Always()) == 2
 
 
 def self_drafting(weights):
@@ -142,10 +175,10 @@ def test_greedy_stops_at_eos_inside_a_block(small_vocab_checkpoint):
         fresh = [i for i, t in enumerate(free) if t not in free[:i]]
         eos = free[fresh[-1]]  # the last token to first appear, so it ends the text late
         want = free[: free.index(eos) + 1]
-        stats = DecodeStats()
-        got = list(mlx_generate(model, prompt, [eos], 40, stats=stats))
+        steps = list(mlx_generate_steps(model, prompt, [eos], 40))
+        got = [t for step in steps for t in step.tokens]
         assert got == want == mlx_lm_greedy(reference, prompt, 40, eos=[eos])
-        cut_short += sum(stats.tokens_per_step) + 1 > len(got)
+        cut_short += steps[-1].accepted == len(steps[-1].tokens)  # EOS among the accepted drafts
     assert cut_short > 0, "EOS never landed inside a block"
 
 
@@ -240,30 +273,65 @@ def test_adaptive_block_shortens_blocks_as_attention_over_the_context_grows():
     assert policy.length(1000, context=50000) == 1
 
 
-def test_adaptive_policy_is_kept_per_model(small_vocab_checkpoint, tmp_path, monkeypatch):
-    monkeypatch.setenv("ORTHRUS_MLX_CACHE", str(tmp_path))
-    path, _ = small_vocab_checkpoint
-    model, _ = load_model(path)
-    policy = adaptive_block(model)
-    before = (list(policy.tried), policy.since_probe)
-    list(mlx_generate(model, [7] * 12, None, 30, block_size="auto"))
-    assert adaptive_block(model) is policy
-    assert (list(policy.tried), policy.since_probe) != before, "the generation used another policy"
-    other, _ = load_model(path)
-    assert adaptive_block(other) is not policy
+@pytest.fixture
+def counted_measurements(monkeypatch, tmp_path):
+    """How many times step costs get measured; HOME and the cache folder point into tmp."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("ORTHRUS_MLX_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(costs, "PROCESS_STORE", CostStore())
+    calls = []
+    measure = costs.measure_cost_lines
+    monkeypatch.setattr(costs, "measure_cost_lines", lambda *a: calls.append(1) or measure(*a))
+    return calls
 
 
-def test_adaptive_mode_is_exact_and_drafts(small_vocab_checkpoint, tmp_path, monkeypatch):
-    monkeypatch.setenv("ORTHRUS_MLX_CACHE", str(tmp_path))
+def test_auto_measures_once_per_process_and_writes_nothing(small_vocab_checkpoint, counted_measurements, tmp_path):
     path, reference = small_vocab_checkpoint
     model, _ = load_model(path)
     for prompt in ([3, 1, 4, 1, 5], [9, 2, 6], [7] * 12):
-        stats = DecodeStats()
-        got = list(mlx_generate(model, prompt, None, 40, block_size="auto", stats=stats))
+        got = list(mlx_generate(model, prompt, None, 40, block_size="auto"))
         assert got == mlx_lm_greedy(reference, prompt, 40)
-    assert (tmp_path / "step_costs.json").is_file()
-    with pytest.raises(ValueError, match="block_size must be an int or 'auto'"):
+    again, _ = load_model(path)  # the same shapes on the same machine: the same step costs
+    list(mlx_generate(again, [1, 2], None, 10, block_size="auto"))
+    assert len(counted_measurements) == 1
+    assert list(tmp_path.rglob("*")) == [], "the library wrote a file"
+    with pytest.raises(ValueError, match="block_size must be an int, 'auto' or a block policy"):
         next(mlx_generate(model, [1], None, 4, block_size="fast"))
+
+
+def test_a_policy_passed_in_carries_what_it_learned(small_vocab_checkpoint, counted_measurements):
+    path, reference = small_vocab_checkpoint
+    model, _ = load_model(path)
+    policy = adaptive_block(model)
+    before = list(policy.tried)
+    stats = DecodeStats()
+    assert list(mlx_generate(model, [7] * 12, None, 30, block_size=policy, stats=stats)) == mlx_lm_greedy(
+        reference, [7] * 12, 30
+    )
+    assert list(policy.tried) != before, "the generation used another policy"
+    assert not hasattr(model, "_adaptive_block")
+    learned = list(policy.tried)
+    list(mlx_generate(model, [7] * 12, None, 30, block_size=policy, use_diffusion=False))
+    assert list(policy.tried) == learned, "an AR generation must not touch the policy"
+
+
+def test_a_cost_store_with_a_path_keeps_costs_for_the_next_process(small_vocab_checkpoint, counted_measurements, tmp_path):
+    path, _ = small_vocab_checkpoint
+    model, _ = load_model(path)
+    store = user_store()  # what the commands use: $ORTHRUS_MLX_CACHE
+    assert store.path == tmp_path / "cache" / "step_costs.json"
+    policy = adaptive_block(model, store)
+    assert store.path.is_file() and len(counted_measurements) == 1
+    later = CostStore(store.path)  # what a new process reads
+    assert adaptive_block(model, later).base_cost == policy.base_cost
+    assert len(counted_measurements) == 1
+    # A store holding only shorter lines (a smaller block size) measures again.
+    short = CostStore(tmp_path / "short.json")
+    short.entries[cost_key(model)] = {"base": [0.0, 1.0], "per_position": [0.0, 0.0]}
+    assert len(adaptive_block(model, short).base_cost) == model.block_size + 1
+    assert len(counted_measurements) == 2
+    store.path.write_text("{not json")  # damaged: measured again and replaced
+    assert CostStore(store.path).entries == {}
 
 
 def test_step_costs_are_kept_apart_per_blas_setting(monkeypatch):
@@ -323,31 +391,28 @@ def test_a_fresh_policy_keeps_drafting_after_one_early_rejection():
     assert min(chosen) > 1
 
 
-def test_adaptive_policy_resumes_what_an_earlier_process_learned(small_vocab_checkpoint, tmp_path, monkeypatch):
-    monkeypatch.setenv("ORTHRUS_MLX_CACHE", str(tmp_path))
-    path, _ = small_vocab_checkpoint
-    model, _ = load_model(path)
-    fresh = adaptive_block(model).state()
-    tokens = mlx_generate(model, [7] * 12, None, 30, block_size="auto")
-    for _ in range(20):
-        next(tokens)
-    tokens.close()  # a consumer that stops early: what was learned is kept all the same
-    learned = adaptive_block(model).state()
-    assert learned != fresh
-    later, _ = load_model(path)  # what a new process builds
-    assert adaptive_block(later) is not adaptive_block(model)
-    assert adaptive_block(later).state() == learned
-    other, _ = load_model(path)
-    randomize_diffusion(other)  # same shapes, other drafter: its acceptance is its own
-    assert adaptive_block(other).state() == fresh
+def test_the_configs_eos_ids_stop_generation_when_the_caller_gives_none(small_vocab_checkpoint, tmp_path):
+    path, reference = small_vocab_checkpoint
+    prompt = [5, 6, 7]
+    free = mlx_lm_greedy(reference, prompt, 40)
+    eos = next(t for i, t in enumerate(free) if i >= 3 and t not in free[:i])  # first seen mid-text
+    folder = shutil.copytree(path, tmp_path / "with-eos")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "eos_token_id": eos}))
+    model, _ = load_model(folder)
+    for block_size in (1, 4, "auto"):
+        got = list(mlx_generate(model, prompt, None, 40, block_size=block_size))
+        assert got == free[: free.index(eos) + 1], block_size
 
 
-def test_adaptive_policy_ignores_a_learned_state_of_another_block_size():
-    small, large = AdaptiveBlock(4, [0.0, 1.0, 2.0, 2.0, 2.0]), AdaptiveBlock(8, [0.0] + [1.0] * 8)
-    run_policy(small, acceptance=0.5, steps=50)
-    before = large.state()
-    large.restore(small.state())
-    assert large.state() == before
-    again = AdaptiveBlock(4, [0.0, 1.0, 2.0, 2.0, 2.0])
-    again.restore(small.state())
-    assert again.state() == small.state()
+def test_stream_generate_marks_the_accepted_drafts(loaded):
+    """`from_draft` is True exactly for a step's accepted drafts, False for its bonus token."""
+    model, tokenizer = loaded
+    stats = DecodeStats()
+    responses = list(stream_generate(model, tokenizer, "def read_config(path):\n", 60, block_size=4, stats=stats))
+    flags = [r.from_draft for r in responses]
+    *whole, last = stats.tokens_per_step  # the last step may be cut short, before its bonus
+    want = [False] + [i < n - 1 for n in whole for i in range(n)]
+    assert flags[: len(want)] == want
+    assert flags[len(want) :] in ([True] * (last - 1) + [False], [True] * last)
+    assert any(flags) and not all(flags[1:]), "no draft was accepted, or no step was rejected"

@@ -16,7 +16,7 @@ torch = pytest.importorskip("torch")
 
 from orthrus_mlx.backend import MLXBackend
 from orthrus_mlx.core.sampling import SamplingParams
-from orthrus_mlx.core.step import DecodeStats, decode  # noqa: E402
+from orthrus_mlx.core.step import DecodeStats, decode, token_ids  # noqa: E402
 from orthrus_mlx.generate import mlx_generate  # noqa: E402
 from orthrus_mlx.loader import load_model as mlx_load_model  # noqa: E402
 from orthrus_mlx.testing import random_weights, save_checkpoint, tiny_config  # noqa: E402
@@ -199,14 +199,27 @@ def test_greedy_equals_ar_and_mlx(small_vocab, block_size):
 
 
 def test_adaptive_block_size_is_exact(small_vocab, tmp_path, monkeypatch):
-    monkeypatch.setenv("ORTHRUS_MLX_CACHE", str(tmp_path))
+    monkeypatch.setenv("HOME", str(tmp_path))
     model, _ = small_vocab
     for prompt in ([3, 1, 4, 1, 5], [9, 2, 6]):
         got = list(torch_generate(model, prompt, None, 40, block_size="auto"))
         assert got == list(torch_generate(model, prompt, None, 40, use_diffusion=False))
-    assert (tmp_path / "step_costs.json").is_file()
-    with pytest.raises(ValueError, match="block_size must be an int or 'auto'"):
+    assert list(tmp_path.iterdir()) == [], "the library wrote a file"
+    with pytest.raises(ValueError, match="block_size must be an int, 'auto' or a block policy"):
         next(torch_generate(model, [1], None, 4, block_size="fast"))
+
+
+def test_the_configs_eos_ids_stop_generation_when_the_caller_gives_none(small_vocab, tmp_path_factory):
+    _, mlx_model = small_vocab
+    prompt = [5, 6, 7]
+    free = list(mlx_generate(mlx_model, prompt, None, 40, use_diffusion=False))
+    eos = next(t for i, t in enumerate(free) if i >= 3 and t not in free[:i])  # first seen mid-text
+    config = tiny_config(vocab_size=24, mask_token_id=23, eos_token_id=eos, block_size=8)
+    path, _ = checkpoint(tmp_path_factory, config, seed=11, drafting=True)  # small_vocab's weights
+    model = load_model(path, device="cpu")[0]
+    for block_size in (1, 4, "auto"):
+        got = list(torch_generate(model, prompt, None, 40, block_size=block_size))
+        assert got == free[: free.index(eos) + 1], block_size
 
 
 # 3. The one shared step runs both backends.
@@ -222,8 +235,8 @@ def test_shared_decode_drives_both_backends(small_vocab, temperature):
         ("mlx", MLXBackend(mlx_model, mlx_model.make_cache(), seed=3)),
     ]:
         stats = DecodeStats()
-        out = list(decode(backend, [3, 1, 4, 1, 5], max_tokens=50, eos_token_id=None,
-                          params=params, block_size=8, stats=stats))
+        steps = decode(backend, [3, 1, 4, 1, 5], max_tokens=50, eos_token_id=None, params=params, block_size=8)
+        out = list(token_ids(steps, stats))
         assert len(out) == 50 and sum(stats.tokens_per_step) == 49
         assert backend.cache_length() == 5 + 49, "trim left the cache at the wrong length"
         runs[name] = out, stats.tokens_per_step

@@ -27,7 +27,9 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 from mlx_lm.generate import stream_generate as mlx_lm_stream_generate
 
+from ..backend import adaptive_block
 from ..core.checkpoint import resolve_model_path
+from ..core.costs import user_store
 from ..core.step import DecodeStats
 from ..generate import stream_generate
 from ..loader import DEFAULT_MODEL, DTYPES, load
@@ -86,6 +88,7 @@ class Bench:
     base_model: Optional[object]  # mlx-lm's plain Qwen3 on the same weights
     tokenizer: object
     max_tokens: int
+    auto: object = "auto"  # the auto mode's one adaptive policy, over the user's stored step costs
     weight_bytes: Dict[str, int] = field(default_factory=dict)
 
 
@@ -168,11 +171,11 @@ def weight_bytes(model) -> int:
     return sum(v.nbytes for _, v in tree_flatten(model.parameters()))
 
 
-def mode_kwargs(mode: str) -> dict:
+def mode_kwargs(mode: str, auto: object) -> dict:
     if mode == "ar":
         return {"use_diffusion": False}
     if mode == "auto":
-        return {"block_size": "auto"}
+        return {"block_size": auto}
     return {"block_size": int(mode.split("-")[1])}
 
 
@@ -187,7 +190,7 @@ def run_once(bench: Bench, mode: str, prompt: List[int]) -> Run:
         )
     else:
         responses = stream_generate(
-            bench.model, bench.tokenizer, prompt, bench.max_tokens, stats=stats, **mode_kwargs(mode)
+            bench.model, bench.tokenizer, prompt, bench.max_tokens, stats=stats, **mode_kwargs(mode, bench.auto)
         )
     tokens, first, last = [], None, None
     tic = time.perf_counter()
@@ -349,11 +352,12 @@ def run(args: argparse.Namespace) -> int:
     modes = parse_modes(args.modes, block_sizes, model.has_diffusion)
     notes = [] if model.has_diffusion else ["plain Qwen3 checkpoint: no orthrus/auto modes"]
     base_model = load_mlx_lm_model(model_path, args.dtype) if "mlx-lm" in modes else None
-    bench = Bench(model, base_model, tokenizer, args.max_tokens)
+    auto = adaptive_block(model, user_store()) if "auto" in modes else "auto"
+    bench = Bench(model, base_model, tokenizer, args.max_tokens, auto)
     bench.weight_bytes = {m: weight_bytes(base_model if m == "mlx-lm" else model) for m in modes}
     prompts = [tokenizer.encode(t) for t in texts]
 
-    for mode in modes:  # warm-up: traces, compiles, and lets `auto` measure its step costs
+    for mode in modes:  # warm-up: traces and compiles
         run_once(bench, mode, prompts[0])
 
     runs: Dict[str, List[List[Run]]] = {m: [[] for _ in prompts] for m in modes}

@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterator, List, Optional
 
-from ..core.step import DecodeStats
+from ..core.step import DecodeStats, check_context
 from ..generate import stream_generate
 from ..prompt_cache import PromptCache
 from .flags import (
@@ -23,6 +23,7 @@ from .flags import (
     add_model_arguments,
     add_sampling_arguments,
     chat_prompt,
+    command_policy,
     generation_kwargs,
     load_from_args,
     sampling_params,
@@ -89,12 +90,11 @@ class ChatSession:
         """Stream the answer's text; its figures are `self.turns[-1]` once the stream ends."""
         messages = self.messages + [{"role": "user", "content": message}]
         prompt = chat_prompt(self.tokenizer, with_system(self.system_prompt, messages), self.template)
+        try:
+            check_context(len(prompt), 1, self.context)  # room for one token at least
+        except ValueError as e:
+            raise ValueError(f"{e} /reset to start over.")
         room = self.context - len(prompt)
-        if room < 1:
-            raise ValueError(
-                f"The conversation ({len(prompt)} tokens) fills the model's context of "
-                f"{self.context}; /reset to start over."
-            )
         new = self.cache.prepare(prompt)
         turn = Turn(prompt_tokens=len(prompt), prefilled=len(new))
         stats, emitted = DecodeStats(), []
@@ -178,7 +178,7 @@ def run(args: argparse.Namespace) -> int:
         model,
         tokenizer,
         max_tokens=args.max_tokens,
-        generation=generation_kwargs(args),
+        generation=generation_kwargs(args, command_policy(model, args)),
         template=template,
         system_prompt=args.system_prompt,
     )

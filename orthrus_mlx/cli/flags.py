@@ -7,6 +7,9 @@ import argparse
 import json
 from typing import Any, Dict, List, Optional, Union
 
+from ..backend import adaptive_block
+from ..core.costs import user_store
+from ..core.dtypes import DTYPE_NAMES
 from ..core.sampling import GREEDY_TEMPERATURE, SamplingParams
 from ..loader import DEFAULT_MODEL, load
 
@@ -70,7 +73,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--dtype",
-        choices=["float32", "float16", "bfloat16"],
+        choices=DTYPE_NAMES,
         default=None,
         help="Cast the weights; a quantized model is dequantized (default: as stored)",
     )
@@ -134,23 +137,33 @@ def sampling_params(args: argparse.Namespace) -> SamplingParams:
     return SamplingParams(args.temp, args.top_p, args.top_k, args.seed)
 
 
-def command_block_size(flag: Union[int, str, None], temperature: float, seed: Optional[int]):
-    """The commands' block length: `auto` unless one is given, or unless a seeded sample must
-    reproduce (the draws follow the block schedule, which `auto` picks from timings)."""
-    if flag is not None:
-        return flag
-    return None if temperature >= GREEDY_TEMPERATURE and seed is not None else "auto"
+def command_block_size(flag: Union[int, str, None], temperature: float, seed: Optional[int], auto: Any = "auto"):
+    """The commands' block length: `auto` (the command's adaptive policy) unless one is given,
+    or unless a seeded sample must reproduce (the draws follow the block schedule, which
+    `auto` picks from timings)."""
+    if flag is None:
+        flag = None if temperature >= GREEDY_TEMPERATURE and seed is not None else "auto"
+    return auto if flag == "auto" else flag
 
 
-def generation_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
-    """The `mlx_generate` options the sampling flags map onto."""
+def command_policy(model, args: argparse.Namespace) -> Any:
+    """The commands' `auto`: one adaptive policy for all the process's generations, over step
+    costs kept in the user's cache folder (measured by a machine's first run only)."""
+    block_size = command_block_size(args.block_size, args.temp, args.seed)
+    if args.no_diffusion or not model.has_diffusion or block_size != "auto":
+        return "auto"  # not used by the flags' own generations: measure nothing now
+    return adaptive_block(model, user_store())
+
+
+def generation_kwargs(args: argparse.Namespace, auto: Any = "auto") -> Dict[str, Any]:
+    """The `mlx_generate` options the sampling flags map onto (`auto`: see `command_policy`)."""
     return dict(
         temperature=args.temp,
         top_p=args.top_p,
         top_k=args.top_k,
         seed=args.seed,
         use_diffusion=not args.no_diffusion,
-        block_size=command_block_size(args.block_size, args.temp, args.seed),
+        block_size=command_block_size(args.block_size, args.temp, args.seed, auto),
     )
 
 

@@ -9,6 +9,7 @@ from .flags import (
     add_model_arguments,
     add_sampling_arguments,
     chat_prompt,
+    command_policy,
     generation_kwargs,
     load_from_args,
     sampling_params,
@@ -61,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
         prompt,
         verbose=args.verbose,
         max_tokens=args.max_tokens,
-        **generation_kwargs(args),
+        **generation_kwargs(args, command_policy(model, args)),
     )
     if not args.verbose:
         print(text, flush=True)

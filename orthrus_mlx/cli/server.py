@@ -28,8 +28,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 from ..core.sampling import SamplingParams
-from ..core.step import DecodeStats
-from ..generate import stream_generate
+from ..core.step import DecodeStats, check_context
+from ..generate import add_special_tokens, stream_generate
 from ..loader import DEFAULT_MODEL
 from ..prompt_cache import PromptCachePool
 from .flags import (
@@ -39,6 +39,7 @@ from .flags import (
     chat_text,
     check_template_args,
     command_block_size,
+    command_policy,
     generation_kwargs,
     load_from_args,
     sampling_params,
@@ -262,8 +263,9 @@ def parse_messages(body: Dict[str, Any]) -> List[Dict[str, str]]:
 class App:
     """The model, its prompt caches, and the lock that serialises generation."""
 
-    def __init__(self, model, tokenizer, model_id: str, defaults: argparse.Namespace, template=None):
+    def __init__(self, model, tokenizer, model_id: str, defaults: argparse.Namespace, template=None, auto="auto"):
         self.model, self.tokenizer = model, tokenizer
+        self.auto = auto  # the block policy of requests that decode with "auto", shared by all
         self.model_id = model_id
         self.defaults = defaults
         self.template = template or {}
@@ -285,9 +287,7 @@ class App:
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
             prompt = prompt[0]
         if isinstance(prompt, str):
-            bos = getattr(self.tokenizer, "bos_token", None)
-            add_special = bos is None or not prompt.startswith(bos)
-            return self.encode(prompt, add_special)
+            return self.encode(prompt, add_special_tokens(self.tokenizer, prompt))
         if isinstance(prompt, list) and prompt and all(
             isinstance(t, int) and not isinstance(t, bool) for t in prompt
         ):
@@ -325,12 +325,10 @@ class App:
         max_tokens = opts["max_tokens"]
         if max_tokens is None:
             max_tokens = min(self.defaults.max_tokens, room)
-        if room < 1 or max_tokens > room:
-            raise RequestError(
-                f"The prompt ({len(prompt)} tokens) plus max_tokens ({max_tokens}) exceeds "
-                f"the model's context of {self.context} tokens",
-                param="max_tokens",
-            )
+        try:
+            check_context(len(prompt), max(max_tokens, 1), self.context)  # room for one token at least
+        except ValueError as e:
+            raise RequestError(str(e), param="max_tokens")
         try:
             sampling = SamplingParams(opts["temperature"], opts["top_p"], opts["top_k"], opts["seed"])
         except ValueError as e:
@@ -375,7 +373,9 @@ class App:
             top_p=req.sampling.top_p,
             top_k=req.sampling.top_k,
             seed=req.sampling.seed,
-            block_size=command_block_size(self.defaults.block_size, req.sampling.temperature, req.sampling.seed),
+            block_size=command_block_size(
+                self.defaults.block_size, req.sampling.temperature, req.sampling.seed, self.auto
+            ),
         )
         responses = stream_generate(
             self.model,
@@ -674,7 +674,7 @@ def run(args: argparse.Namespace) -> int:
     template = template_kwargs(args)
     model, tokenizer = load_from_args(args)
     model_id = args.model or DEFAULT_MODEL.name
-    app = App(model, tokenizer, model_id, args, template)
+    app = App(model, tokenizer, model_id, args, template, command_policy(model, args))
     httpd = make_server(app, args.host, args.port)
     host, port = httpd.server_address[:2]
     log.info("serving %s on http://%s:%d", model_id, host, port)

@@ -1,4 +1,4 @@
-"""Measured cost of one decoding step against its block length, cached per machine and model.
+"""Measured cost of one decoding step against its block length, kept per machine and model.
 
 The adaptive block policy needs to know what a step of L tokens costs here:
 on Apple Silicon a 32-token pass of a quantized model can cost several
@@ -7,19 +7,23 @@ cache adds a part that grows with the context (on a CPU, for a small model,
 it dominates long blocks). We time the real backend step (draft + verify +
 the host sync + trim) at two context lengths, once, and keep a line per block
 length: seconds = base[L] + per_position[L] * context. The policy treats these
-as a prior and corrects them by the steps it times; what it has learned
-(acceptance, corrections) is kept beside them, so the next process resumes it.
-Backend-agnostic: each backend names its own cache key.
+as a prior and corrects them by the steps it times.
+
+Where the lines are kept is the caller's choice (`CostStore`): in memory for the
+process (the library's default), or also in a JSON file (the commands' choice,
+`user_store()`), so that only a machine's first run measures. Backend-agnostic:
+each backend names its own `cost_key`.
 """
 
 import hashlib
+import inspect
 import json
 import os
 import platform
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Iterator, List, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from .policy import AdaptiveBlock
 from .sampling import SamplingParams
@@ -30,15 +34,11 @@ CONTEXTS = (64, 512)
 CONTEXT = max(CONTEXTS)  # the cache a calibration backend must hold, besides one block
 REPEATS = 7
 
-
-def cache_file() -> Path:
-    root = os.environ.get("ORTHRUS_MLX_CACHE") or Path.home() / ".cache" / "orthrus-mlx"
-    return Path(root) / "step_costs.json"
-
-
 # Settings that change kernel speed without changing the machine: a preloaded BLAS is ~40x
 # faster than MLX's bundled one on Linux, and thread counts move small-matrix costs.
 SPEED_ENVIRONMENT = ("LD_PRELOAD", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+
+CostLines = Tuple[List[float], List[float]]
 
 
 def machine_key(*parts: str) -> str:
@@ -46,6 +46,12 @@ def machine_key(*parts: str) -> str:
     environment = [f"{name}={os.environ.get(name, '')}" for name in SPEED_ENVIRONMENT]
     everything = [platform.machine(), platform.processor(), platform.system(), *environment, *parts]
     return hashlib.sha256("|".join(everything).encode()).hexdigest()[:16]
+
+
+def source_hash(*code: Any) -> str:
+    """A hash of the source of the modules, classes or functions that run a step: a change to
+    any of them may change what a step costs, so it must not reuse older measurements."""
+    return hashlib.sha256("".join(inspect.getsource(c) for c in code).encode()).hexdigest()[:16]
 
 
 def measure_step_seconds(backend: Backend, max_size: int, context: int) -> List[float]:
@@ -79,7 +85,7 @@ def measure_step_seconds(backend: Backend, max_size: int, context: int) -> List[
     return costs
 
 
-def measure_cost_lines(make_backend: Callable[[], Backend], max_size: int) -> Tuple[List[float], List[float]]:
+def measure_cost_lines(make_backend: Callable[[], Backend], max_size: int) -> CostLines:
     """(base, per_position): a step of length L after S cached positions costs base[L] + per_position[L] * S."""
     backends = [make_backend(), make_backend()]
     room = backends[0].max_positions - max_size - 1  # a small model's context may be short
@@ -91,61 +97,68 @@ def measure_cost_lines(make_backend: Callable[[], Backend], max_size: int) -> Tu
     return base, per_position
 
 
-def read_table() -> dict:
-    path = cache_file()
-    if path.is_file():
+class CostStore:
+    """Measured cost lines by cost key: in memory, and in a JSON file if given a `path`.
+
+    `load` reads the file (done once when built), `save` writes it atomically, keeping
+    entries other processes added meanwhile; `costs` saves after each new measurement,
+    the only time the store changes, so a long-running server writes once at most.
+    """
+
+    def __init__(self, path: Optional[Path] = None):
+        self.path = Path(path) if path is not None else None
+        self.entries: Dict[str, dict] = {}
+        self.load()
+
+    def load(self) -> None:
+        self.entries.update(self._read())
+
+    def save(self) -> None:
+        if self.path is None:
+            return
+        table = {**self._read(), **self.entries}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(table))
+        tmp.replace(self.path)
+
+    def _read(self) -> Dict[str, dict]:
+        if self.path is None or not self.path.is_file():
+            return {}
         try:
-            table = json.loads(path.read_text())
-            return table if isinstance(table, dict) else {}
+            table = json.loads(self.path.read_text())
         except json.JSONDecodeError:
-            pass
-    return {}
+            return {}  # a damaged file is measured again, then replaced
+        return table if isinstance(table, dict) else {}
+
+    def costs(self, key: str, max_size: int, measure: Callable[[], CostLines]) -> CostLines:
+        """The (base, per_position) lines under `key` for lengths up to `max_size`, measured on first use."""
+        entry = self.entries.get(key)
+        if not isinstance(entry, dict) or len(entry.get("base", [])) < max_size + 1:
+            # Otherwise a second or more of silence before the first token.
+            print(f"orthrus-mlx: measuring what a step of 1..{max_size} tokens costs on this machine",
+                  file=sys.stderr, flush=True)
+            base, per_position = measure()
+            entry = self.entries[key] = {"base": base, "per_position": per_position}
+            self.save()
+        return entry["base"], entry["per_position"]
 
 
-def write_entry(key: str, entry: dict) -> None:
-    """Replace one key's entry; atomic, so a reader never sees half a file."""
-    path = cache_file()
-    table = read_table()
-    table[key] = entry
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(table))
-    tmp.replace(path)
+# The library's default: measured once per process and model, written nowhere.
+PROCESS_STORE = CostStore()
 
 
-def step_seconds(key: str, make_backend: Callable[[], Backend], max_size: int) -> Tuple[List[float], List[float]]:
-    """The cached (base, per_position) cost lines under `key`, measured on first use."""
-    entry = read_table().get(key)
-    if not isinstance(entry, dict) or len(entry.get("base", [])) < max_size + 1:
-        # Otherwise a second or more of silence before the first token.
-        print(f"orthrus-mlx: measuring what a step of 1..{max_size} tokens costs on this machine",
-              file=sys.stderr, flush=True)
-        base, per_position = measure_cost_lines(make_backend, max_size)
-        entry = {"base": base, "per_position": per_position}
-        write_entry(key, entry)
-    return entry["base"], entry["per_position"]
+def user_store() -> CostStore:
+    """The commands' store: $ORTHRUS_MLX_CACHE, else ~/.cache/orthrus-mlx."""
+    root = os.environ.get("ORTHRUS_MLX_CACHE") or Path.home() / ".cache" / "orthrus-mlx"
+    return CostStore(Path(root) / "step_costs.json")
 
 
-def adaptive_policy(key: str, weights: str, make_backend: Callable[[], Backend], max_size: int) -> AdaptiveBlock:
-    """The adaptive policy over the step costs under `key`, resuming what earlier processes
-    learned with these `weights` (a fingerprint: costs follow the shapes, acceptance the weights)."""
-    policy = AdaptiveBlock(max_size, *step_seconds(key, make_backend, max_size))
-    policy.cache_key = machine_key(key, weights)
-    policy.restore(read_table().get(policy.cache_key, {}).get("learned", {}))
-    return policy
-
-
-def remembering(tokens: Iterator[int], policy: Union[int, AdaptiveBlock]) -> Iterator[int]:
-    """`tokens` as they come; then, if `policy` is adaptive, what it learned is kept (also when
-    the consumer stops early)."""
-    try:
-        yield from tokens
-    finally:
-        if isinstance(policy, AdaptiveBlock):
-            remember(policy)
-
-
-def remember(policy: AdaptiveBlock) -> None:
-    """Keep what `policy` has learned next to its step costs, for the next process."""
-    if policy.cache_key:
-        write_entry(policy.cache_key, {"learned": policy.state()})
+def adaptive_policy(
+    key: str, make_backend: Callable[[], Backend], max_size: int, store: Optional[CostStore] = None
+) -> AdaptiveBlock:
+    """A fresh adaptive policy over the step costs under `key` (measured with `make_backend`
+    on first use, kept in `store`; the process's memory when None)."""
+    store = store if store is not None else PROCESS_STORE
+    measure = lambda: measure_cost_lines(make_backend, max_size)
+    return AdaptiveBlock(max_size, *store.costs(key, max_size, measure))

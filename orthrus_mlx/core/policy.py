@@ -1,6 +1,18 @@
 """Block-length policies: how many positions each decoding step drafts."""
 
-from typing import Callable, List, Optional, Sequence, Union
+from typing import Callable, List, Optional, Protocol, Sequence, Union
+
+
+class BlockPolicy(Protocol):
+    """Chooses each step's block length (1 is a plain AR step) and hears how it went."""
+
+    max_size: int
+
+    def length(self, remaining: int, context: int = 0) -> int:
+        """The next step's length, at most `remaining`, with `context` positions cached."""
+
+    def update(self, length: int, emitted: int, seconds: Optional[float] = None) -> None:
+        """A step of `length` emitted `emitted` tokens (accepted drafts + 1) in `seconds`."""
 
 
 class FixedBlock:
@@ -9,10 +21,10 @@ class FixedBlock:
     def __init__(self, size: int):
         if size < 1:
             raise ValueError(f"block_size must be >= 1, got {size}")
-        self.size = size
+        self.max_size = size
 
     def length(self, remaining: int, context: int = 0) -> int:
-        return min(self.size, remaining)
+        return min(self.max_size, remaining)
 
     def update(self, length: int, emitted: int, seconds: Optional[float] = None) -> None:
         pass
@@ -88,23 +100,6 @@ class AdaptiveBlock:
         self.ar_until = 0  # below this context, AR stands chosen (see length)
         self.extend_to = 0  # the next step's least length (see update)
         self.drafting_steps = 0
-        self.cache_key: Optional[str] = None  # where its costs came from and what it learned goes
-
-    LEARNED = ("survived", "tried", "prior_weight", "ratio_sum", "ratio_weight", "pool_sum", "pool_weight")
-
-    def state(self) -> dict:
-        """What the policy has learned (acceptance, cost corrections), to carry to a later process."""
-        return {name: list(getattr(self, name)) for name in self.LEARNED}
-
-    def restore(self, state: dict) -> None:
-        """Take up a `state()`; ignored unless it fits this policy's block size."""
-        fits = all(
-            isinstance(state.get(name), list) and len(state[name]) == len(getattr(self, name))
-            for name in self.LEARNED
-        )
-        if fits:
-            for name in self.LEARNED:
-                setattr(self, name, [float(v) for v in state[name]])
 
     def expected_tokens(self, limit: int) -> List[float]:
         """Expected tokens emitted by a step of each length 1..limit (index 0 unused)."""
@@ -195,18 +190,21 @@ class AdaptiveBlock:
 
 
 def block_policy(
-    block_size: Union[int, str, None],
+    block_size: Union[int, str, BlockPolicy, None],
     use_diffusion: bool,
     model_block_size: Optional[int],
-    adaptive: Callable[[], AdaptiveBlock],
-) -> Union[int, AdaptiveBlock]:
-    """What `decode` gets for the user's block_size: 1 (AR), the checkpoint's K, an int, or "auto"."""
+    adaptive: Callable[[], BlockPolicy],
+) -> BlockPolicy:
+    """The policy for the user's block_size: AR without diffusion, else the checkpoint's K
+    (None), a fixed length (an int), a fresh `adaptive()` ("auto"), or the policy given."""
     if not use_diffusion or model_block_size is None:
-        return 1
+        return FixedBlock(1)
     if block_size is None:
-        return model_block_size
+        return FixedBlock(model_block_size)
     if block_size == "auto":
         return adaptive()
-    if not isinstance(block_size, int):
-        raise ValueError(f"block_size must be an int or 'auto', got {block_size!r}")
-    return block_size
+    if isinstance(block_size, int):
+        return FixedBlock(block_size)
+    if hasattr(block_size, "length") and hasattr(block_size, "update"):
+        return block_size
+    raise ValueError(f"block_size must be an int, 'auto' or a block policy, got {block_size!r}")

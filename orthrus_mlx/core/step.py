@@ -11,7 +11,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, List, Optional, Protocol, Sequence, Union
 
-from .policy import AdaptiveBlock, FixedBlock
+from .policy import BlockPolicy, FixedBlock, block_policy
 from .sampling import SamplingParams
 
 
@@ -53,11 +53,30 @@ class Backend(Protocol):
 
 
 @dataclass
+class Step:
+    """What one decoding step emitted: `tokens`, of which the first `accepted` are drafts
+    (d1..dm) and the last is the verify pass's own (the bonus), unless EOS or max_tokens
+    cut the step short. `drafted` is how many drafts it verified (0 for prefill and AR)."""
+
+    tokens: List[int]
+    drafted: int = 0
+    accepted: int = 0
+    prompt_tokens: int = 0  # what the step prefilled: the prompt, on the first step only
+
+
+@dataclass
 class DecodeStats:
-    """Running figures of one generation; `tokens_per_step[i]` is accepted + 1 of step i."""
+    """Running figures of one generation; `tokens_per_step[i]` is what step i emitted."""
 
     prompt_tokens: int = 0
     tokens_per_step: List[int] = field(default_factory=list)
+
+    def record(self, step: Step) -> None:
+        """Count a step's emitted tokens; the prefill's token is no decoding step."""
+        if step.prompt_tokens:
+            self.prompt_tokens = step.prompt_tokens
+        else:
+            self.tokens_per_step.append(len(step.tokens))
 
     @property
     def steps(self) -> int:
@@ -71,8 +90,8 @@ class DecodeStats:
         return dict(sorted(Counter(self.tokens_per_step).items()))
 
 
-def accept(scores: Scores, params: SamplingParams, rng: random.Random) -> List[int]:
-    """The tokens a step emits: the accepted drafts d[1..m] and the bonus token."""
+def accept(scores: Scores, params: SamplingParams, rng: random.Random) -> int:
+    """How many drafts the step accepts (m): the bonus token is then `scores.target[m]`."""
     draft, target = scores.draft, scores.target
     m = 0
     if params.greedy:
@@ -81,10 +100,11 @@ def accept(scores: Scores, params: SamplingParams, rng: random.Random) -> List[i
     else:
         while m < len(draft) and rng.random() < min(1.0, scores.ratio[m]):
             m += 1
-    return draft[:m] + [target[m]]
+    return m
 
 
 def eos_set(eos_token_id: Union[int, Iterable[int], None]) -> frozenset:
+    """EOS ids as a set, from None, an int or a list (configs and callers use all three)."""
     if eos_token_id is None:
         return frozenset()
     if isinstance(eos_token_id, int):
@@ -92,9 +112,16 @@ def eos_set(eos_token_id: Union[int, Iterable[int], None]) -> frozenset:
     return frozenset(int(e) for e in eos_token_id)
 
 
-def check_request(
-    prompt: Sequence[int], max_tokens: int, backend: Backend, cached: int = 0
-) -> None:
+def check_context(prompt_tokens: int, max_tokens: int, context: int) -> None:
+    """A prompt plus what may be generated must fit the model's positions: an error, not a silent stop."""
+    if prompt_tokens + max_tokens > context:
+        raise ValueError(
+            f"The prompt ({prompt_tokens} tokens) plus max_tokens ({max_tokens}) "
+            f"exceeds the model's context of {context} positions."
+        )
+
+
+def check_request(prompt: Sequence[int], max_tokens: int, backend: Backend, cached: int = 0) -> None:
     """Reject input that would otherwise hang or silently read garbage."""
     if len(prompt) == 0:
         raise ValueError("The prompt is empty: give at least one token.")
@@ -105,12 +132,7 @@ def check_request(
         )
     if max_tokens < 0:
         raise ValueError(f"max_tokens must be >= 0, got {max_tokens}")
-    needed = cached + len(prompt) + max_tokens
-    if needed > backend.max_positions:
-        raise ValueError(
-            f"The prompt ({cached + len(prompt)} tokens) plus max_tokens ({max_tokens}) "
-            f"exceeds the model's context of {backend.max_positions} positions."
-        )
+    check_context(cached + len(prompt), max_tokens, backend.max_positions)
 
 
 def as_token_list(tokens: Any) -> List[int]:
@@ -124,7 +146,7 @@ def as_token_list(tokens: Any) -> List[int]:
 
 
 def per_model(model: Any, name: str, make: Callable[[], Any]) -> Any:
-    """A value built once per model object and kept on it (compiled passes, the adaptive policy)."""
+    """A value built once per model object and kept on it (the compiled passes)."""
     value = getattr(model, name, None)
     if value is None:
         value = make()
@@ -139,10 +161,10 @@ def decode(
     max_tokens: int,
     eos_token_id: Union[int, Iterable[int], None],
     params: SamplingParams = SamplingParams(),
-    block_size: Union[int, "FixedBlock", "AdaptiveBlock"] = 1,
-    stats: Optional[DecodeStats] = None,
-) -> Iterator[int]:
-    """Yield accepted tokens in order, never past the first EOS or `max_tokens`.
+    block_size: Union[int, BlockPolicy] = 1,
+) -> Iterator[Step]:
+    """Yield one `Step` per step (the prefill's token first), never past the first EOS or
+    `max_tokens`.
 
     `block_size` 1 is plain AR decoding (no draft pass); K > 1 drafts K-1 tokens
     per step and verifies them in one AR pass over K positions; a policy object
@@ -150,28 +172,54 @@ def decode(
     """
     check_request(prompt, max_tokens, backend, backend.cache_length())
     policy = FixedBlock(block_size) if isinstance(block_size, int) else block_size
-    stats = stats if stats is not None else DecodeStats()
-    stats.prompt_tokens = len(prompt)
     if max_tokens == 0:
         return
     eos = eos_set(eos_token_id)
     rng = random.Random(params.seed)
 
     token = backend.prefill(prompt, params)
-    yield token
+    yield Step([token], prompt_tokens=len(prompt))
     emitted = 1
     while token not in eos and emitted < max_tokens:
-        tic = time.perf_counter()  # the whole step but the consumer's time between tokens
+        tic = time.perf_counter()  # the step itself, not what the consumer does with it
         length = policy.length(max_tokens - emitted, backend.cache_length())
         drafted = backend.draft(token, length, params) if length > 1 else None
         scores = backend.verify(token, drafted, params)
-        new = accept(scores, params, rng)
+        m = accept(scores, params, rng)
         # The cache holds the verify pass's L entries; keep t and the m accepted drafts.
-        backend.trim(length - len(new))
-        policy.update(length, len(new), time.perf_counter() - tic)
-        stats.tokens_per_step.append(len(new))
-        for token in new:
-            yield token
-            emitted += 1
-            if token in eos:
-                return
+        backend.trim(length - 1 - m)
+        policy.update(length, m + 1, time.perf_counter() - tic)
+        new = scores.draft[:m] + [scores.target[m]]
+        cut = next((i + 1 for i, t in enumerate(new) if t in eos), len(new))
+        new = new[: min(cut, max_tokens - emitted)]
+        emitted += len(new)
+        token = new[-1]
+        yield Step(new, length - 1, min(m, len(new)))
+
+
+def generate_steps(
+    model: Any,
+    make_backend: Callable[[List[int], BlockPolicy], Backend],
+    make_adaptive: Callable[[], BlockPolicy],
+    prompt_tokens: Any,
+    eos_token_id: Union[int, Iterable[int], None],
+    max_tokens: int,
+    params: SamplingParams,
+    use_diffusion: bool,
+    block_size: Union[int, str, BlockPolicy, None],
+) -> Iterator[Step]:
+    """What every backend's `*_generate` does around `decode`: the user's block_size as a
+    policy, the caller's EOS ids joined with the model config's, a backend for the prompt."""
+    policy = block_policy(block_size, use_diffusion and model.has_diffusion, model.block_size, make_adaptive)
+    prompt = as_token_list(prompt_tokens)
+    eos = eos_set(eos_token_id) | eos_set(model.args.eos_token_id)
+    backend = make_backend(prompt, policy)
+    return decode(backend, prompt, max_tokens=max_tokens, eos_token_id=eos, params=params, block_size=policy)
+
+
+def token_ids(steps: Iterator[Step], stats: Optional[DecodeStats] = None) -> Iterator[int]:
+    """The tokens of `steps` one at a time, each step counted in `stats` as it comes."""
+    for step in steps:
+        if stats is not None:
+            stats.record(step)
+        yield from step.tokens

@@ -1,13 +1,14 @@
 """Token generation with the PyTorch backend: the same options and output as `mlx_generate`."""
 
-from typing import Iterable, Iterator, Optional, Sequence, Union
+from typing import Iterable, Iterator, List, Optional, Sequence, Union
 
 import torch
 
-from ..core.costs import CONTEXT, adaptive_policy, machine_key, remembering
-from ..core.policy import AdaptiveBlock, block_policy
+from ..core.costs import CONTEXT, CostStore, adaptive_policy, machine_key, source_hash
+from ..core.policy import AdaptiveBlock, BlockPolicy
 from ..core.sampling import SamplingParams
-from ..core.step import DecodeStats, as_token_list, decode, eos_set, per_model
+from ..core.step import DecodeStats, eos_set, generate_steps, token_ids
+from . import model as model_module
 from .backend import TorchBackend
 from .cache import KVCache
 from .model import Model
@@ -23,22 +24,19 @@ def cache_capacity(model: Model, needed: int, compile: bool = False) -> int:
     return min(rounded, model.args.max_position_embeddings)
 
 
-def adaptive_block(model: Model) -> AdaptiveBlock:
-    """The adaptive policy over this machine's measured step costs for `model` on its device,
-    one per model object (acceptance statistics carry over between generations and processes)."""
-    K = model.block_size
+def cost_key(model: Model) -> str:
+    """What a step's cost depends on: this machine, torch and the device, the code that runs a
+    step (model, backend, cache), the shapes and the dtype."""
     weight = model.model.embed_tokens.weight
     device = torch.cuda.get_device_name(weight.device) if weight.is_cuda else "cpu"
-    key = machine_key("torch", torch.__version__, device, repr(model.args), str(weight.dtype))
-    make = lambda: TorchBackend(model, model.make_cache(cache_capacity(model, CONTEXT + K)), None)
-    return per_model(model, "_adaptive_block", lambda: adaptive_policy(key, weights_fingerprint(model), make, K))
+    code = source_hash(model_module, TorchBackend, KVCache)
+    return machine_key("torch", torch.__version__, device, code, repr(model.args), str(weight.dtype))
 
 
-def weights_fingerprint(model: Model) -> str:
-    """A few weights of both views, so that two checkpoints of one shape learn apart."""
-    first, last = model.model.layers[0].self_attn, model.model.layers[-1].self_attn
-    sample = [first.q_proj.weight, first.q_proj_diff.weight, last.o_proj_diff.weight]
-    return repr([w[0, :8].float().tolist() for w in sample])
+def adaptive_block(model: Model, store: Optional[CostStore] = None) -> AdaptiveBlock:
+    """A fresh adaptive block policy for `model` on its device (see `orthrus_mlx.backend.adaptive_block`)."""
+    make_backend = lambda: TorchBackend(model, model.make_cache(cache_capacity(model, CONTEXT + model.block_size)))
+    return adaptive_policy(cost_key(model), make_backend, model.block_size, store)
 
 
 def torch_generate(
@@ -52,7 +50,7 @@ def torch_generate(
     seed: Optional[int] = None,
     use_diffusion: bool = True,
     *,
-    block_size: Union[int, str, None] = None,
+    block_size: Union[int, str, BlockPolicy, None] = None,
     prompt_cache: Optional[KVCache] = None,
     stats: Optional[DecodeStats] = None,
     compile: bool = False,
@@ -66,26 +64,18 @@ def torch_generate(
     `prompt_cache` (`cache.reset()`) across generations.
     """
     params = SamplingParams(temperature, top_p, top_k, seed)
-    block_size = block_policy(
-        block_size, use_diffusion and model.has_diffusion, model.block_size, lambda: adaptive_block(model)
+
+    def make_backend(prompt: List[int], policy: BlockPolicy) -> TorchBackend:
+        cache = prompt_cache
+        if cache is None:
+            cache = model.make_cache(cache_capacity(model, len(prompt) + max_tokens, compile))
+        return TorchBackend(model, cache, seed, compile=compile, block_size=policy.max_size)
+
+    steps = generate_steps(
+        model, make_backend, lambda: adaptive_block(model),
+        prompt_tokens, eos_token_id, max_tokens, params, use_diffusion, block_size,
     )
-    prompt = as_token_list(prompt_tokens)
-    cache = prompt_cache
-    if cache is None:
-        cache = model.make_cache(cache_capacity(model, len(prompt) + max_tokens, compile))
-    longest = block_size if isinstance(block_size, int) else block_size.max_size
-    backend = TorchBackend(model, cache, seed, compile=compile, block_size=longest)
-    eos = eos_set(eos_token_id) | eos_set(model.args.eos_token_id)
-    tokens = decode(
-        backend,
-        prompt,
-        max_tokens=max_tokens,
-        eos_token_id=eos,
-        params=params,
-        block_size=block_size,
-        stats=stats,
-    )
-    yield from remembering(tokens, block_size)
+    yield from token_ids(steps, stats)
 
 
 def generate(
