@@ -14,25 +14,21 @@ from mlx_lm.utils import dequantize_model, load_tokenizer
 from mlx_lm.utils import load_model as mlx_lm_load_model
 
 from . import gguf
-from .core.checkpoint import (  # noqa: F401  (re-exported: the loader's public helpers)
-    HUB_FILES,
+from .core.checkpoint import (
     check_against_config,
-    check_diffusion_config,
     check_finite,
     check_float_tensors,
     check_orthrus_fields,
     check_tensor_shapes,
     checkpoint_tensors,
-    eos_list,
     read_config,
     read_json_object,
-    read_safetensors_header,
     resolve_model_path,
     shapes_of,
-    tensor_shapes,
     weight_files,
 )
 from .core.config_checks import check_required
+from .core.dtypes import DTYPE_NAMES, check_dtype
 from .drafter import attach_drafter, is_adapter
 from .models import model_classes
 from .models.diffusion import DiffusionModel as Model
@@ -40,7 +36,7 @@ from .named import NAMED_MODELS, resolve_named
 
 # The small trained checkpoint the repo ships: the default of every command.
 DEFAULT_MODEL = Path(__file__).parent / "assets" / "orthrus-tiny"
-DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
+DTYPES = {name: getattr(mx, name) for name in DTYPE_NAMES}
 TOKENIZER_SETTINGS = ("tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
 MakeTokenizer = Callable[[Optional[Dict[str, Any]]], TokenizerWrapper]
 
@@ -189,8 +185,7 @@ def load_all(
     drafter: Union[str, Path, None] = None,
 ) -> Tuple[Model, Dict[str, Any], MakeTokenizer]:
     """Model, config and a tokenizer maker: what `load` and `load_model` share."""
-    if dtype is not None and dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    check_dtype(dtype)
     base_path, drafter_path = locate(path_or_repo, drafter, revision)
     named = NAMED_MODELS.get(str(path_or_repo))
     if dtype is None and named is not None and mx.default_device() == mx.cpu:

@@ -8,7 +8,9 @@ torch = pytest.importorskip("torch")
 from orthrus_mlx.torch_backend.model import Model, ModelArgs  # noqa: E402
 from orthrus_mlx.train.base import BaseTrainConfig, train_base  # noqa: E402
 from orthrus_mlx.train.diffusion import DiffusionTrainConfig, train_diffusion  # noqa: E402
-from orthrus_mlx.train.evaluate import ar_greedy, orthrus_greedy  # noqa: E402
+from orthrus_mlx.core.step import DecodeStats  # noqa: E402
+from orthrus_mlx.torch_backend.generate import torch_generate  # noqa: E402
+from orthrus_mlx.train.evaluate import ar_greedy  # noqa: E402
 
 VOCAB, MASK, EOS = 48, 47, 46
 
@@ -67,13 +69,14 @@ def test_distillation_lowers_kl_and_raises_agreement(trained):
     assert all(p.requires_grad == ("_diff" in n) for n, p in model.named_parameters())
 
 
-def test_torch_orthrus_greedy_equals_ar_greedy(trained):
+def test_torch_generate_equals_ar_greedy(trained):
     model, _, _ = trained
     prompt = [5, 6, 7, 8, 9, 10]
-    res = orthrus_greedy(model, prompt, max_tokens=30, block_size=8, eos_ids=[EOS])
-    assert res.tokens == ar_greedy(model, prompt, max_tokens=30, eos_ids=[EOS])
-    assert sum(res.tokens_per_step) + 1 == len(res.tokens)
-    assert len(res.tokens_per_step) < len(res.tokens) - 1  # drafting accepted something
+    stats = DecodeStats()
+    tokens = list(torch_generate(model, prompt, [EOS], max_tokens=30, block_size=8, stats=stats))
+    assert tokens == ar_greedy(model, prompt, max_tokens=30, eos_ids=[EOS])
+    assert sum(stats.tokens_per_step) + 1 == len(tokens)
+    assert stats.steps < len(tokens) - 1  # drafting accepted something
 
 
 def test_one_token_block_with_copied_weights_is_the_ar_view():

@@ -14,6 +14,7 @@ import mlx.core as mx
 from mlx_lm.utils import MAX_FILE_SIZE_GB, save_config
 
 from orthrus_mlx.core.checkpoint import check_finite
+from orthrus_mlx.core.dtypes import check_dtype
 
 from .plan import DTYPES, SAFETENSORS_TO_DTYPE, TensorPlan, make_plan, make_recipe
 from .source import open_source, read_rows
@@ -136,8 +137,7 @@ def convert(
     model folder (see `target.py`).
     """
     recipe = make_recipe(quantize, q_bits, q_group_size, diffusion_bits, embed_bits)
-    if dtype is not None and dtype not in DTYPES:
-        raise ValueError(f"Unsupported dtype {dtype!r}: choose one of {sorted(DTYPES)}")
+    check_dtype(dtype)
     source = open_source(hf_path, revision)
     target = Path(mlx_path).expanduser()
     remove_stale_staging(target)

@@ -7,13 +7,14 @@ from typing import Any, Dict, List, Optional, Tuple
 import mlx.core as mx
 
 from orthrus_mlx.core.checkpoint import DIFFUSION_PARAMS
+from orthrus_mlx.core.dtypes import check_dtype
+from orthrus_mlx.loader import DTYPES
 
 from .source import Source
 
 BITS = (2, 3, 4, 5, 6, 8)
 GROUP_SIZES = (32, 64, 128)
 DEFAULT_BITS, DEFAULT_GROUP_SIZE = 4, 64  # mlx-lm's affine defaults
-DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 SAFETENSORS_TO_DTYPE = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 EMBEDDING_MODULES = ("model.embed_tokens", "lm_head")
 
@@ -104,8 +105,7 @@ class TensorPlan:
 def output_dtype(config: Dict[str, Any], dtype: Optional[str]) -> Optional[str]:
     """`dtype` if given, else the checkpoint's declared one; None keeps each tensor's own."""
     if dtype is not None:
-        if dtype not in DTYPES:
-            raise ValueError(f"Unsupported dtype {dtype!r}: choose one of {sorted(DTYPES)}")
+        check_dtype(dtype)
         return dtype
     declared = config.get("torch_dtype", config.get("dtype"))
     return declared if declared in DTYPES else None

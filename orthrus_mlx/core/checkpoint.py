@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
 
 from .config_checks import check_config, check_token_ids, is_int, named, shown
+from .step import eos_set
 
 # The diffusion view's tensors in each layer's self_attn (docs/DESIGN.md section 1).
 DIFFUSION_PARAMS = (
@@ -80,20 +81,14 @@ def read_config(model_path: Path) -> Dict[str, Any]:
         raise FileNotFoundError(f"No config.json in {model_path}")
     config = read_json_object(config_file)
     check_config(config, config_file)
-    eos = eos_list(config.get("eos_token_id"))
+    eos = eos_set(config.get("eos_token_id"))
     generation_file = model_path / "generation_config.json"
     if generation_file.is_file():
         generation = read_json_object(generation_file)
         check_token_ids(generation, "eos_token_id", generation_file, config.get("vocab_size"))
-        eos += eos_list(generation.get("eos_token_id"))
-    config["eos_token_id"] = sorted(set(eos))
+        eos |= eos_set(generation.get("eos_token_id"))
+    config["eos_token_id"] = sorted(eos)
     return config
-
-
-def eos_list(value: Union[int, Iterable[int], None]) -> List[int]:
-    if value is None:
-        return []
-    return [int(value)] if isinstance(value, int) else [int(v) for v in value]
 
 
 def shard_names(index: Path) -> List[str]:

@@ -23,9 +23,10 @@ from ..core.checkpoint import (
     weight_files,
 )
 from ..core.config_checks import check_required
+from ..core.dtypes import DTYPE_NAMES, check_dtype
 from .model import Model, ModelArgs
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 
 
 def default_device() -> torch.device:
@@ -58,8 +59,7 @@ def load_model(
     revision: Optional[str] = None,
 ) -> Tuple[Model, Dict[str, Any]]:
     """(model, config) in eval mode on `device`; bfloat16 on CUDA and float32 on CPU unless `dtype`."""
-    if dtype is not None and dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    check_dtype(dtype)
     device = torch.device(device) if device is not None else default_device()
     torch_dtype = DTYPES[dtype] if dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     model_path = resolve_model_path(path_or_repo, revision)

@@ -88,6 +88,11 @@ def load_stage(work: Path, stage: str, device: str = "cpu") -> Model:
     return load_model(work / stage, device)
 
 
+def trained_stage(work: Path) -> str:
+    """The model that eval and export take: the refined one if refine ran, else the distilled one."""
+    return "orthrus" if (work / "orthrus").is_dir() else "diffusion"
+
+
 def set_threads(threads: int) -> None:
     torch.set_num_threads(threads)
     np.random.seed(0)
@@ -98,8 +103,8 @@ def diffusion(work: Path, cfg: DiffusionTrainConfig, device: str = "cpu", log: L
     summary = train_diffusion(model, load_stream(work / "train.npy"),
                               load_stream(work / "heldout.npy"), cfg, device=device, log=log)
     tok = tokenizer.load_tokenizer(work / "tokenizer")
-    save_model(model, work / "orthrus", tok.token_to_id(tokenizer.EOS), work / "tokenizer")
     save_model(model, work / "diffusion", tok.token_to_id(tokenizer.EOS), work / "tokenizer")
+    shutil.rmtree(work / "orthrus", ignore_errors=True)  # a refined model of an earlier drafter
     _write_json(work / "diffusion_summary.json", summary)
     return summary
 
@@ -126,7 +131,7 @@ def refine(work: Path, cfg: DiffusionTrainConfig, rollouts: int, prefix_len: int
 def evaluate(work: Path, block_sizes: Sequence[int] = (8, 16, 32), max_tokens: int = 64,
              device: str = "cpu", log: Log = print) -> dict:
     """Greedy tokens per step on the held-out prompts, per K (torch decode loop)."""
-    model = load_stage(work, "orthrus", device)
+    model = load_stage(work, trained_stage(work), device)
     tok = tokenizer.load_tokenizer(work / "tokenizer")
     prompts = json.loads((work / "heldout_prompts.json").read_text())
     ids = [tok.encode(p["text"]).ids for p in prompts]
@@ -148,7 +153,7 @@ def export(work: Path, out: Path, log: Log = print) -> None:
     out.mkdir(parents=True, exist_ok=True)
     for name in ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
                  "tokenizer_config.json"):
-        shutil.copy(work / "orthrus" / name, out / name)
+        shutil.copy(work / trained_stage(work) / name, out / name)
     shutil.copy(work / "heldout_prompts.json", out / "heldout_prompts.json")
     summaries = {name: json.loads((work / f"{name}.json").read_text())
                  for name in ("corpus_info", "base_summary", "diffusion_summary", "refine_summary", "eval")}
