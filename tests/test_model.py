@@ -7,7 +7,7 @@ from mlx_lm.models import qwen3
 from mlx_lm.models.cache import KVCache
 
 from orthrus_mlx.loader import load_model
-from orthrus_mlx.testing import random_checkpoint, random_weights, tiny_config
+from orthrus_mlx.testing import random_checkpoint, random_weights, save_checkpoint, tiny_config, tiny_llama_config
 from reference import NaiveOrthrus
 
 
@@ -81,6 +81,20 @@ def test_diffusion_view_is_not_the_ar_view(tmp_path):
     model(mx.array(prefix)[None], cache=cache)
     got = np.array(model.draft(mx.array(block)[None], cache)[0])
     assert np.abs(got - naive_ar.draft(prefix, block)).max() > 1e-2
+
+
+@pytest.mark.parametrize("make_config", [tiny_config, tiny_llama_config], ids=["qwen3", "llama"])
+def test_a_tied_checkpoint_that_also_stores_lm_head_uses_the_embeddings(tmp_path, make_config):
+    """Exporters may save lm_head.weight beside tied embeddings: the loader must drop it."""
+    config = make_config(tie_word_embeddings=True)
+    weights = random_weights(config, seed=6)
+    stale = np.random.default_rng(7).standard_normal(weights["model.embed_tokens.weight"].shape)
+    folder = save_checkpoint(tmp_path, config, {**weights, "lm_head.weight": stale.astype(np.float32)})
+    model, _ = load_model(folder)
+    tokens = np.arange(5, 17)
+    got = np.array(model(mx.array(tokens)[None])[0])
+    want, _ = NaiveOrthrus(config, weights).ar(tokens)
+    assert np.abs(got - want).max() < 1e-4
 
 
 def test_draft_leaves_the_cache_as_it_was(tmp_path):
