@@ -18,7 +18,7 @@ from typing import Dict, List, Optional
 import torch
 
 from orthrus_mlx.core.sampling import SamplingParams
-from orthrus_mlx.core.step import DecodeStats, decode
+from orthrus_mlx.core.step import DecodeStats, decode, token_ids
 from orthrus_mlx.torch_backend.backend import TorchBackend
 from orthrus_mlx.torch_backend.generate import cache_capacity
 from orthrus_mlx.torch_backend.loader import DTYPES, load_model
@@ -60,8 +60,9 @@ def timed_decode(model: Model, prompt: List[int], max_tokens: int, block_size: i
     backend = TorchBackend(model, cache, compile=compile, block_size=block_size)
     stats = DecodeStats()
     tokens, start = [], None
-    for token in decode(backend, prompt, max_tokens=max_tokens, eos_token_id=None,
-                        params=SamplingParams(), block_size=block_size, stats=stats):
+    steps = decode(backend, prompt, max_tokens=max_tokens, eos_token_id=None,
+                   params=SamplingParams(), block_size=block_size)
+    for token in token_ids(steps, stats):
         if start is None:
             sync(device)
             start = time.perf_counter()
