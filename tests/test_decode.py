@@ -13,7 +13,7 @@ from orthrus_mlx import DecodeStats, load_model, mlx_generate, stream_generate
 from orthrus_mlx.backend import adaptive_block, cost_key
 from orthrus_mlx.core import costs
 from orthrus_mlx.core.costs import CostStore, machine_key, user_store
-from orthrus_mlx.core.policy import AdaptiveBlock
+from orthrus_mlx.core.policy import AR_RECHECK, AdaptiveBlock
 from orthrus_mlx.core.sampling import SamplingParams
 from orthrus_mlx.core.step import Scores, accept, decode, token_ids
 from orthrus_mlx.generate import mlx_generate_steps
@@ -315,7 +315,9 @@ def test_a_policy_passed_in_carries_what_it_learned(small_vocab_checkpoint, coun
     assert list(policy.tried) == learned, "an AR generation must not touch the policy"
 
 
-def test_a_cost_store_with_a_path_keeps_costs_for_the_next_process(small_vocab_checkpoint, counted_measurements, tmp_path):
+def test_a_cost_store_with_a_path_keeps_costs_for_the_next_process(
+    small_vocab_checkpoint, counted_measurements, tmp_path
+):
     path, _ = small_vocab_checkpoint
     model, _ = load_model(path)
     store = user_store()  # what the commands use: $ORTHRUS_MLX_CACHE
@@ -376,6 +378,27 @@ def test_adaptive_block_ignores_the_first_step_of_a_length_and_clips_stalls():
     for _ in range(100):
         policy.update(4, 4, seconds=3.0)
     assert policy.cost(4) == pytest.approx(3.0, rel=0.05)
+
+
+def test_adaptive_block_settled_on_ar_chooses_again_only_every_few_positions():
+    """Choosing a length takes ~0.1 ms of Python, a few percent of a small model's AR step:
+    once AR is best, the choice is made again only every AR_RECHECK positions (and at probes)."""
+    cost = [0.0] + [1.0 + 0.5 * n for n in range(1, 17)]
+    policy = AdaptiveBlock(16, cost)
+    context, calls = 0, []
+
+    def decode_steps(n):
+        nonlocal context
+        for _ in range(n):
+            length = policy.length(1000, context)
+            policy.update(length, 1, cost[length])  # every draft rejected
+            context += 1
+
+    decode_steps(300)  # settled on AR
+    best = policy.best
+    policy.best = lambda limit: calls.append(limit) or best(limit)
+    decode_steps(160)
+    assert len(calls) <= 160 // AR_RECHECK + 4, len(calls)
 
 
 def test_a_fresh_policy_keeps_drafting_after_one_early_rejection():

@@ -5,11 +5,11 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from orthrus_mlx.core.step import DecodeStats  # noqa: E402
+from orthrus_mlx.torch_backend.generate import torch_generate  # noqa: E402
 from orthrus_mlx.torch_backend.model import Model, ModelArgs  # noqa: E402
 from orthrus_mlx.train.base import BaseTrainConfig, train_base  # noqa: E402
 from orthrus_mlx.train.diffusion import DiffusionTrainConfig, train_diffusion  # noqa: E402
-from orthrus_mlx.core.step import DecodeStats  # noqa: E402
-from orthrus_mlx.torch_backend.generate import torch_generate  # noqa: E402
 from orthrus_mlx.train.evaluate import ar_greedy  # noqa: E402
 
 VOCAB, MASK, EOS = 48, 47, 46
