@@ -106,9 +106,8 @@ class DiffusionModel:
         self.args.block_size, self.args.mask_token_id = block_size, mask_token_id
         for layer in self.layers:
             layer.self_attn.add_diffusion_view()
-        # What was built for the model without its view (core.step.per_model) is stale now.
-        for name in ("_compiled_passes", "_adaptive_block"):
-            vars(self).pop(name, None)
+        # The passes compiled for the model without its view (core.step.per_model) are stale now.
+        vars(self).pop("_compiled_passes", None)
 
     def make_cache(self) -> List[KVCache]:
         return [KVCache() for _ in self.layers]
