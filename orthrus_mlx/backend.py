@@ -107,14 +107,15 @@ class MLXBackend:
 
 def cost_key(model: Model) -> str:
     """What a step's cost depends on: this machine, MLX and its device, the code that runs a
-    step (passes, backend, model class, weight layout), the shapes, dtype and quantization."""
+    step (passes, backend, the model's classes, weight layout), the shapes, dtype and quantization."""
     quant = [
         (name, m.bits, m.group_size)
         for name, m in model.named_modules()
         if isinstance(m, nn.QuantizedLinear) and name.startswith("model.layers.0.")
     ]
     layer = model.layers[0].self_attn
-    code = source_hash(passes, MLXBackend, sys.modules[type(model).__module__], lay_out_for_cpu)
+    model_code = sorted({c.__module__ for c in type(model).__mro__ if c.__module__.startswith(__package__)})
+    code = source_hash(passes, MLXBackend, lay_out_for_cpu, *(sys.modules[m] for m in model_code))
     return machine_key(
         "mlx", mx.__version__, str(mx.default_device()), code, repr(model.args),
         str(layer.q_proj.weight.dtype), repr(sorted(quant)),
