@@ -27,13 +27,14 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 from mlx_lm.generate import stream_generate as mlx_lm_stream_generate
 
+from .. import gguf
 from ..backend import adaptive_block
-from ..core.checkpoint import resolve_model_path
 from ..core.costs import user_store
 from ..core.step import DecodeStats
 from ..generate import stream_generate
-from ..loader import DEFAULT_MODEL, DTYPES, load
-from .flags import add_model_arguments
+from ..loader import DEFAULT_MODEL, DTYPES, load, locate
+from ..named import NAMED_MODELS
+from .flags import add_model_arguments, chat_prompt
 
 MODES = ("mlx-lm", "ar", "orthrus", "auto")
 PROMPTS_FILE = "heldout_prompts.json"
@@ -66,6 +67,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="Replace the diffusion view's projections by random ones of the same scale (useless "
         "drafts: what the adaptive mode costs when drafting cannot pay)",
+    )
+    parser.add_argument(
+        "--chat", action="store_true", help="Render each prompt as a user message with the chat template"
     )
     parser.add_argument("--json", default=None, metavar="OUT", help="Write every figure as JSON")
     parser.add_argument("--plot", default=None, metavar="OUT.png", help="Write a PNG of the figures")
@@ -142,10 +146,24 @@ def load_prompts(path: Path) -> List[str]:
 
 
 def load_mlx_lm_model(model_path: Path, dtype: Optional[str]):
-    """mlx-lm's own Qwen3 from the same folder; strict=False drops the diffusion tensors."""
-    from mlx_lm.utils import load_model
+    """mlx-lm's own model of the same base (strict=False drops a folder's diffusion tensors; a
+    GGUF base is read with our GGUF reader into mlx-lm's class, dequantized when `dtype` is set)."""
+    import mlx.nn as nn
+    from mlx_lm.utils import dequantize_model, load_model
 
-    model, _ = load_model(model_path, strict=False)
+    if gguf.is_gguf(model_path):
+        from mlx_lm.utils import _get_classes
+
+        config, weights, _ = gguf.read_gguf(model_path)
+        model_class, args_class = _get_classes(config)
+        model = model_class(args_class.from_dict(config))
+        quantization = config.get("quantization", {})
+        nn.quantize(model, class_predicate=lambda name, _: quantization.get(name, False))
+        model.load_weights(list(model.sanitize(weights).items()), strict=True)
+        if dtype is not None and quantization:
+            model = dequantize_model(model)
+    else:
+        model, _ = load_model(model_path, strict=False)
     if dtype is not None:
         model.set_dtype(DTYPES[dtype])
     return model
@@ -341,21 +359,28 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--max-tokens must be >= 2, --num-prompts and --repeats >= 1")
     if args.plot and importlib.util.find_spec("matplotlib") is None:  # before minutes of runs, not after
         raise ValueError("--plot needs matplotlib: pip install 'orthrus-mlx[bench]'")
-    model_path = resolve_model_path(args.model or DEFAULT_MODEL)
-    prompts_path = Path(args.prompts) if args.prompts else model_path / PROMPTS_FILE
+    name = str(args.model or DEFAULT_MODEL)
+    model_path, drafter_path = locate(name, args.drafter)
+    named = NAMED_MODELS.get(name)
+    dtype = args.dtype or (named.cpu_dtype if named and mx.default_device() == mx.cpu else None)
+    prompts_folder = drafter_path if drafter_path is not None else model_path
+    prompts_path = Path(args.prompts) if args.prompts else prompts_folder / PROMPTS_FILE
     texts = load_prompts(prompts_path)[: args.num_prompts]
 
-    model, tokenizer = load(model_path, dtype=args.dtype, drafter=args.drafter)
+    model, tokenizer = load(name, dtype=dtype, drafter=args.drafter)
     if args.random_diffusion and model.has_diffusion:
         randomize_diffusion(model)
     block_sizes = parse_block_sizes(args.block_sizes, model.block_size)
     modes = parse_modes(args.modes, block_sizes, model.has_diffusion)
     notes = [] if model.has_diffusion else ["plain Qwen3 checkpoint: no orthrus/auto modes"]
-    base_model = load_mlx_lm_model(model_path, args.dtype) if "mlx-lm" in modes else None
+    base_model = load_mlx_lm_model(model_path, dtype) if "mlx-lm" in modes else None
     auto = adaptive_block(model, user_store()) if "auto" in modes else "auto"
     bench = Bench(model, base_model, tokenizer, args.max_tokens, auto)
     bench.weight_bytes = {m: weight_bytes(base_model if m == "mlx-lm" else model) for m in modes}
-    prompts = [tokenizer.encode(t) for t in texts]
+    if args.chat:
+        prompts = [chat_prompt(tokenizer, [{"role": "user", "content": t}], {}) for t in texts]
+    else:
+        prompts = [tokenizer.encode(t) for t in texts]
 
     for mode in modes:  # warm-up: traces and compiles
         run_once(bench, mode, prompts[0])
@@ -387,7 +412,7 @@ def run(args: argparse.Namespace) -> int:
             "model": str(model_path),
             "settings": {
                 "prompts": str(prompts_path), "num_prompts": len(prompts),
-                "max_tokens": args.max_tokens, "repeats": args.repeats, "dtype": args.dtype,
+                "max_tokens": args.max_tokens, "repeats": args.repeats, "dtype": dtype, "chat": args.chat,
                 "block_sizes": block_sizes, "modes": modes, "greedy": True,
                 "random_diffusion": args.random_diffusion,
             },

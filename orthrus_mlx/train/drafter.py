@@ -306,8 +306,9 @@ def main(argv=None) -> None:
         (run / "summary.json").write_text(json.dumps(summary, indent=1))
     if "export" in stages:
         state = torch.load(run / "checkpoint.pt", weights_only=False)
-        export_adapter(state["diffusion"], weights, config, args.block_size, mask, args.out or run / "adapter",
-                       bits=args.adapter_bits)
+        out = args.out or run / "adapter"
+        export_adapter(state["diffusion"], weights, config, args.block_size, mask, out, bits=args.adapter_bits)
+        (out / "heldout_prompts.json").write_text(json.dumps(heldout_prompts(), indent=1) + "\n")
 
 
 def export_adapter(diffusion: Dict[str, torch.Tensor], base: Dict[str, np.ndarray], config: dict,
