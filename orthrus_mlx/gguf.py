@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Tuple, Union
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 
 LAYER_NAMES = {
@@ -141,6 +142,14 @@ def read_gguf(path: Union[str, Path]) -> Tuple[Dict[str, Any], Dict[str, mx.arra
     if quant:
         config["quantization"] = quant
     return config, weights, meta
+
+
+def load_into(model: nn.Module, config: Dict[str, Any], weights: Dict[str, mx.array]) -> None:
+    """Give a freshly built model (ours or mlx-lm's) the file's weights, quantized as stored."""
+    quantization = config.get("quantization", {})
+    if quantization:
+        nn.quantize(model, class_predicate=lambda name, _: quantization.get(name, False))
+    model.load_weights(list(model.sanitize(weights).items()), strict=True)
 
 
 def dequantized(weights: Dict[str, mx.array], config: Dict[str, Any]) -> Dict[str, np.ndarray]:

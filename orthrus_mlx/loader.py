@@ -32,7 +32,7 @@ from .core.dtypes import DTYPE_NAMES, check_dtype
 from .drafter import attach_drafter, is_adapter
 from .models import model_classes
 from .models.diffusion import DiffusionModel as Model
-from .named import NAMED_MODELS, resolve_named
+from .named import NAMED_MODELS, default_dtype, resolve_named
 
 # The small trained checkpoint the repo ships: the default of every command.
 DEFAULT_MODEL = Path(__file__).parent / "assets" / "orthrus-tiny"
@@ -118,10 +118,7 @@ def load_gguf(path: Path, drafter: bool) -> Tuple[Model, Dict[str, Any], MakeTok
     config, weights, meta = gguf.read_gguf(path)
     model_class, _ = model_classes(config)
     model = model_class(model_args(config, drafter))
-    quantization = config.get("quantization", {})
-    if quantization:
-        nn.quantize(model, class_predicate=lambda name, _: quantization.get(name, False))
-    model.load_weights(list(model.sanitize(weights).items()), strict=True)
+    gguf.load_into(model, config, weights)
 
     def tokenizer(extra: Optional[Dict[str, Any]]) -> TokenizerWrapper:
         if extra:
@@ -187,9 +184,7 @@ def load_all(
     """Model, config and a tokenizer maker: what `load` and `load_model` share."""
     check_dtype(dtype)
     base_path, drafter_path = locate(path_or_repo, drafter, revision)
-    named = NAMED_MODELS.get(str(path_or_repo))
-    if dtype is None and named is not None and mx.default_device() == mx.cpu:
-        dtype = named.cpu_dtype
+    dtype = default_dtype(str(path_or_repo), dtype)
     load_base = load_gguf if gguf.is_gguf(base_path) else load_folder
     model, config, make_tokenizer = load_base(base_path, drafter_path is not None)
     if drafter_path is not None:

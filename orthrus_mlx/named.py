@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Tuple
 
+import mlx.core as mx
+
 ASSETS = Path(__file__).parent / "assets"
 
 
@@ -27,6 +29,14 @@ NAMED_MODELS = {
         ASSETS / "smollm2-drafter", cpu_dtype="float32",
     ),
 }
+
+
+def default_dtype(name: str, dtype: Optional[str]) -> Optional[str]:
+    """The dtype to load `name` in: the caller's, else a named model's own choice on the CPU."""
+    known = NAMED_MODELS.get(name)
+    if dtype is None and known is not None and mx.default_device() == mx.cpu:
+        return known.cpu_dtype
+    return dtype
 
 
 def resolve_named(name: str, drafter_given: bool = False) -> Tuple[Path, Optional[Path]]:

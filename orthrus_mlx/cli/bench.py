@@ -33,7 +33,7 @@ from ..core.costs import user_store
 from ..core.step import DecodeStats
 from ..generate import stream_generate
 from ..loader import DEFAULT_MODEL, DTYPES, load, locate
-from ..named import NAMED_MODELS
+from ..named import default_dtype
 from .flags import add_model_arguments, chat_prompt
 
 MODES = ("mlx-lm", "ar", "orthrus", "auto")
@@ -148,7 +148,6 @@ def load_prompts(path: Path) -> List[str]:
 def load_mlx_lm_model(model_path: Path, dtype: Optional[str]):
     """mlx-lm's own model of the same base (strict=False drops a folder's diffusion tensors; a
     GGUF base is read with our GGUF reader into mlx-lm's class, dequantized when `dtype` is set)."""
-    import mlx.nn as nn
     from mlx_lm.utils import dequantize_model, load_model
 
     if gguf.is_gguf(model_path):
@@ -157,10 +156,8 @@ def load_mlx_lm_model(model_path: Path, dtype: Optional[str]):
         config, weights, _ = gguf.read_gguf(model_path)
         model_class, args_class = _get_classes(config)
         model = model_class(args_class.from_dict(config))
-        quantization = config.get("quantization", {})
-        nn.quantize(model, class_predicate=lambda name, _: quantization.get(name, False))
-        model.load_weights(list(model.sanitize(weights).items()), strict=True)
-        if dtype is not None and quantization:
+        gguf.load_into(model, config, weights)
+        if dtype is not None and "quantization" in config:
             model = dequantize_model(model)
     else:
         model, _ = load_model(model_path, strict=False)
@@ -361,8 +358,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--plot needs matplotlib: pip install 'orthrus-mlx[bench]'")
     name = str(args.model or DEFAULT_MODEL)
     model_path, drafter_path = locate(name, args.drafter)
-    named = NAMED_MODELS.get(name)
-    dtype = args.dtype or (named.cpu_dtype if named and mx.default_device() == mx.cpu else None)
+    dtype = default_dtype(name, args.dtype)  # the mlx-lm baseline runs in the dtype we load in
     prompts_folder = drafter_path if drafter_path is not None else model_path
     prompts_path = Path(args.prompts) if args.prompts else prompts_folder / PROMPTS_FILE
     texts = load_prompts(prompts_path)[: args.num_prompts]

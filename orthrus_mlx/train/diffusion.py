@@ -18,7 +18,7 @@ from orthrus_mlx.torch_backend.model import Model
 
 from .data import fixed_windows, random_windows
 from .schedule import Budget, cosine_lr
-from .views import ar_pass, block_inputs, diffusion_pass
+from .views import ar_hidden, block_inputs, diffusion_pass
 
 
 @dataclass
@@ -43,16 +43,18 @@ def sample_starts(batch: int, blocks: int, seq_len: int, block_size: int,
 
 def distill_logits(model: Model, ids: torch.Tensor, starts: torch.Tensor,
                    block_size: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Student logits [B, nb, K-1, V] and the teacher's [B, nb, K-1, V] for the same positions."""
+    """Student logits [B, nb, K-1, V] and the teacher's [B, nb, K-1, V] for the same positions.
+
+    The teacher's head runs only where a block needs it: on a large vocabulary the projection
+    over every position would cost more than the rest of the teacher pass."""
     K = block_size
-    with torch.no_grad():
-        teacher_all, kvs = ar_pass(model, ids)
-    tokens, positions, mask = block_inputs(ids, starts, K, model.args.mask_token_id)
-    student = diffusion_pass(model, kvs, tokens, positions, mask)
     B, nb = starts.shape
-    student = student.view(B, nb, K, -1)[:, :, :-1]
-    index = (starts[:, :, None] + torch.arange(K - 1, device=ids.device)).reshape(B, -1)
-    teacher = torch.gather(teacher_all, 1, index[:, :, None].expand(-1, -1, teacher_all.shape[-1]))
+    with torch.no_grad():
+        hidden, kvs = ar_hidden(model, ids)
+        index = (starts[:, :, None] + torch.arange(K - 1, device=ids.device)).reshape(B, -1)
+        teacher = model.logits(torch.gather(hidden, 1, index[:, :, None].expand(-1, -1, hidden.shape[-1])))
+    tokens, positions, mask = block_inputs(ids, starts, K, model.args.mask_token_id)
+    student = diffusion_pass(model, kvs, tokens, positions, mask).view(B, nb, K, -1)[:, :, :-1]
     return student, teacher.view(B, nb, K - 1, -1)
 
 

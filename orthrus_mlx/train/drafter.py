@@ -30,9 +30,8 @@ import torch
 from orthrus_mlx.torch_backend.model import Model, ModelArgs
 
 from .chat_prompts import heldout_prompts, training_prompts
-from .diffusion import freeze_base, kl_loss
+from .diffusion import distill_logits, freeze_base, kl_loss
 from .schedule import cosine_lr
-from .views import ar_hidden, block_inputs, diffusion_pass
 
 
 @dataclass
@@ -170,19 +169,6 @@ class Sequences:
         return ids, starts.clamp(max=T - block_size + 1)
 
 
-def distill_logits(model: Model, ids: torch.Tensor, starts: torch.Tensor, K: int):
-    """Student logits [B, nb, K-1, V] and the teacher's for the same positions; the teacher's
-    head runs only where a block needs it (the vocabulary projection dominates small bases)."""
-    with torch.no_grad():
-        hidden, kvs = ar_hidden(model, ids)
-        B, nb = starts.shape
-        index = (starts[:, :, None] + torch.arange(K - 1)).reshape(B, -1)
-        teacher = model.logits(torch.gather(hidden, 1, index[:, :, None].expand(-1, -1, hidden.shape[-1])))
-    tokens, positions, mask = block_inputs(ids, starts, K, model.args.mask_token_id)
-    student = diffusion_pass(model, kvs, tokens, positions, mask).view(B, nb, K, -1)[:, :, :-1]
-    return student, teacher.view(B, nb, K - 1, -1)
-
-
 @torch.no_grad()
 def evaluate(model: Model, data: Sequences, K: int, blocks: int = 4, seed: int = 1234) -> dict:
     """Held-out KL and the teacher-forced accepted prefix + 1 (a proxy for tokens per step)."""
@@ -295,9 +281,9 @@ def main(argv=None) -> None:
         make_rollouts(args.base, heldout_prompts(), run / "heldout.jsonl", args.answer_tokens)
     weights, config, tokenizer = base_weights(args.base)
     mask = args.mask_token_id if args.mask_token_id is not None else default_mask_token(tokenizer)
-    model = torch_base(weights, config, args.block_size, mask).to(args.device)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     if "distill" in stages:
+        model = torch_base(weights, config, args.block_size, mask).to(args.device)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         cfg = DistillConfig(steps=args.steps, minutes=args.minutes, batch=args.batch, lr=args.lr,
                             bf16=args.bf16,
                             block_sizes=tuple(int(k) for k in args.train_block_sizes.split(",")))
