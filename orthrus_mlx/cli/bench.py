@@ -156,6 +156,8 @@ def load_mlx_lm_model(model_path: Path, dtype: Optional[str]):
         config, weights, _ = gguf.read_gguf(model_path)
         model_class, args_class = _get_classes(config)
         model = model_class(args_class.from_dict(config))
+        if dtype is not None:  # dequantize through float32 scales, as our loader does
+            weights = {k: v.astype(mx.float32) if k.endswith((".scales", ".biases")) else v for k, v in weights.items()}
         gguf.load_into(model, config, weights)
         if dtype is not None and "quantization" in config:
             model = dequantize_model(model)
