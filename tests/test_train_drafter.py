@@ -76,3 +76,24 @@ def test_blocks_start_inside_the_answer():
     ids, starts = rows.batch([0] * 4, 8, 16, gen)
     assert ids.shape == (4, 40)
     assert starts.min() >= 9 and starts.max() <= 40 - 8 + 1
+
+
+@pytest.mark.parametrize("bits", [None, 8])
+def test_a_run_continues_from_an_exported_adapter(llama_base, tmp_path, bits):
+    """export -> adapter_tensors -> load_diffusion gives back the trained view (exactly in float32,
+    within the 8-bit quantization step otherwise), so a shipped drafter can train further."""
+    from orthrus_mlx.train.drafter import adapter_tensors, export_adapter, load_diffusion
+
+    trained = {n: p.detach().clone() + 0.01 * torch.randn_like(p) for n, p in llama_base.diffusion_parameters().items()}
+    weights = {n: p.detach().numpy() for n, p in llama_base.state_dict().items() if "_diff" not in n}
+    config = {"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+              "num_key_value_heads": 2, "head_dim": 16, "vocab_size": VOCAB}
+    export_adapter(trained, weights, config, 8, MASK, tmp_path, bits=bits)
+    model = Model(llama_base.args)
+    load_diffusion(model, adapter_tensors(tmp_path))
+    for name, p in model.diffusion_parameters().items():
+        err = (p - trained[name]).abs().max().item()
+        scale = trained[name].abs().max().item()
+        assert err == 0 if bits is None else err < scale / 100, (name, err)
+    with pytest.raises(ValueError, match="do not match"):
+        load_diffusion(model, {})

@@ -194,6 +194,36 @@ def save_checkpoint(path: Path, model: Model, opt, step: int, gen: torch.Generat
     os.replace(tmp, path)
 
 
+def adapter_tensors(folder: Path) -> Dict[str, torch.Tensor]:
+    """An exported adapter's diffusion tensors in float32 under the trainer's names (dequantized
+    if the adapter is quantized): a later run can continue from a shipped drafter."""
+    import mlx.core as mx
+
+    config = json.loads((folder / "config.json").read_text())
+    quant = config.get("quantization")
+    stored = mx.load(str(folder / "model.safetensors"))
+    tensors = {}
+    for name, value in stored.items():
+        if name.endswith((".scales", ".biases")):
+            continue
+        module = name[: -len(".weight")]
+        if quant and f"{module}.scales" in stored:
+            value = mx.dequantize(value, stored[f"{module}.scales"], stored[f"{module}.biases"],
+                                  quant["group_size"], quant["bits"])
+        tensors[name] = torch.from_numpy(np.array(value.astype(mx.float32)))
+    return tensors
+
+
+def load_diffusion(model: Model, tensors: Dict[str, torch.Tensor]) -> None:
+    params = model.diffusion_parameters()
+    if set(tensors) != set(params):
+        raise ValueError(f"The adapter's tensors do not match the model's diffusion view: "
+                         f"{sorted(set(tensors) ^ set(params))[:4]}")
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(tensors[name])
+
+
 def distill(model: Model, train: Sequences, heldout: Sequences, cfg: DistillConfig, run: Path,
             log=print) -> dict:
     """Train the diffusion view in place, resuming from RUN/checkpoint.pt if present."""
@@ -206,9 +236,7 @@ def distill(model: Model, train: Sequences, heldout: Sequences, cfg: DistillConf
     step, history = 0, []
     if checkpoint.is_file():
         state = torch.load(checkpoint, weights_only=False)
-        with torch.no_grad():
-            for name, p in model.diffusion_parameters().items():
-                p.copy_(state["diffusion"][name])
+        load_diffusion(model, state["diffusion"])
         opt.load_state_dict(state["optimizer"])
         gen.set_state(state["generator"])
         step, history = state["step"], state["history"]
@@ -268,6 +296,8 @@ def main(argv=None) -> None:
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--adapter-bits", type=int, choices=[4, 8], default=None, help="quantize the exported adapter")
     p.add_argument("--train-block-sizes", default="4,8,16", help="K drawn per training step")
+    p.add_argument("--init-adapter", type=Path, default=None,
+                   help="start the diffusion view from this adapter folder instead of the AR view")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--device", default="cpu")
     args = p.parse_args(argv)
@@ -283,6 +313,8 @@ def main(argv=None) -> None:
     mask = args.mask_token_id if args.mask_token_id is not None else default_mask_token(tokenizer)
     if "distill" in stages:
         model = torch_base(weights, config, args.block_size, mask).to(args.device)
+        if args.init_adapter and not (run / "checkpoint.pt").is_file():
+            load_diffusion(model, adapter_tensors(args.init_adapter))
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         cfg = DistillConfig(steps=args.steps, minutes=args.minutes, batch=args.batch, lr=args.lr,
                             bf16=args.bf16,
