@@ -97,3 +97,21 @@ def test_a_run_continues_from_an_exported_adapter(llama_base, tmp_path, bits):
         assert err == 0 if bits is None else err < scale / 100, (name, err)
     with pytest.raises(ValueError, match="do not match"):
         load_diffusion(model, {})
+
+
+def test_kept_teacher_passes_equal_fresh_ones(llama_base):
+    """A batch of rows of different lengths, some drawn twice: the kept passes, padded, give the
+    teacher and student logits a fresh pass over the padded batch gives."""
+    from orthrus_mlx.train.diffusion import distill_logits
+    from orthrus_mlx.train.drafter import TeacherPasses
+
+    data = Sequences(counting_rows(8, 3), EOS)
+    teachers = TeacherPasses(llama_base, data)
+    gen = torch.Generator().manual_seed(0)
+    for index in ([0, 1, 2, 3], [3, 5, 0, 5]):
+        ids, starts = data.batch(index, 4, 3, gen)
+        fresh = distill_logits(llama_base, ids, starts, 4)
+        kept = distill_logits(llama_base, ids, starts, 4, teachers.batch(index, ids.shape[1]))
+        for a, b in zip(fresh, kept):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert sorted(teachers.rows) == [0, 1, 2, 3, 5]

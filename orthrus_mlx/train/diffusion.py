@@ -41,16 +41,17 @@ def sample_starts(batch: int, blocks: int, seq_len: int, block_size: int,
     return torch.randint(low, seq_len - block_size + 2, (batch, blocks), generator=gen)
 
 
-def distill_logits(model: Model, ids: torch.Tensor, starts: torch.Tensor,
-                   block_size: int) -> Tuple[torch.Tensor, torch.Tensor]:
+def distill_logits(model: Model, ids: torch.Tensor, starts: torch.Tensor, block_size: int,
+                   teacher_pass: Optional[Tuple[torch.Tensor, list]] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Student logits [B, nb, K-1, V] and the teacher's [B, nb, K-1, V] for the same positions.
 
+    `teacher_pass` is `ar_hidden(model, ids)` when the caller kept it from an earlier step.
     The teacher's head runs only where a block needs it: on a large vocabulary the projection
     over every position would cost more than the rest of the teacher pass."""
     K = block_size
     B, nb = starts.shape
     with torch.no_grad():
-        hidden, kvs = ar_hidden(model, ids)
+        hidden, kvs = teacher_pass if teacher_pass is not None else ar_hidden(model, ids)
         index = (starts[:, :, None] + torch.arange(K - 1, device=ids.device)).reshape(B, -1)
         teacher = model.logits(torch.gather(hidden, 1, index[:, :, None].expand(-1, -1, hidden.shape[-1])))
     tokens, positions, mask = block_inputs(ids, starts, K, model.args.mask_token_id)
