@@ -24,12 +24,15 @@ def test_bench_reports_every_mode_with_mlx_lms_tokens(model_path, tmp_path, caps
     out, png = tmp_path / "bench.json", tmp_path / "bench.png"
     plot = importlib.util.find_spec("matplotlib") is not None
     args = ["bench", "--model", str(model_path), "--num-prompts", "2", "--max-tokens", "8",
-            "--repeats", "1", "--modes", "mlx-lm,ar,orthrus", "--json", str(out)]
+            "--repeats", "1", "--modes", "mlx-lm,mlx-lm-4bit,ar,orthrus", "--json", str(out)]
     assert main(args + (["--plot", str(png)] if plot else [])) == 0
 
     report = json.loads(out.read_text())
     summary = report["summary"]
-    assert list(summary) == ["mlx-lm", "ar", "orthrus-2", "orthrus-4"]
+    assert list(summary) == ["mlx-lm", "mlx-lm-4bit", "ar", "orthrus-2", "orthrus-4"]
+    # 4-bit weights are other weights: their tokens are not held to mlx-lm's float ones, and they
+    # take less memory.
+    assert summary.pop("mlx-lm-4bit")["mismatched_prompts"] is None
     for mode, s in summary.items():
         assert s["mismatched_prompts"] == [], mode
         assert s["tokens_per_sec"] > 0 and s["ratio_to_mlx_lm"] > 0
@@ -39,7 +42,7 @@ def test_bench_reports_every_mode_with_mlx_lms_tokens(model_path, tmp_path, caps
     assert summary["ar"]["step_cost_vs_ar_token"] == 1.0
     assert len(report["prompts"]) == 2
     for row in report["prompts"]:
-        assert set(row["modes"]) == set(summary)
+        assert set(row["modes"]) == set(summary) | {"mlx-lm-4bit"}
         assert len({m["generated_tokens"] for m in row["modes"].values()}) == 1
     machine = report["machine"]
     assert ("Linux CPU" in machine and "MLX CPU backend" in machine) or "macOS" in machine

@@ -3,6 +3,8 @@
 Modes, interleaved per prompt (A B A B ...) after one warm-up run of each:
   mlx-lm      mlx_lm's stream_generate on mlx-lm's plain Qwen3 (diffusion tensors dropped):
               what a user would otherwise run
+  mlx-lm-4bit the same on 4-bit weights: a GGUF base's own (Q4_1 is MLX's 4-bit affine, group
+              32), a float folder quantized by mlx-lm (group 64); other weights, other tokens
   ar          our stream_generate without drafting
   orthrus-K   our stream_generate with a fixed verify length K, one mode per --block-sizes entry
   auto        our stream_generate choosing the verify length step by step (block_size="auto")
@@ -36,7 +38,8 @@ from ..loader import DEFAULT_MODEL, DTYPES, load, locate
 from ..named import default_dtype
 from .flags import add_model_arguments, chat_prompt
 
-MODES = ("mlx-lm", "ar", "orthrus", "auto")
+MODES = ("mlx-lm", "mlx-lm-4bit", "ar", "orthrus", "auto")
+BASELINES = ("mlx-lm", "mlx-lm-4bit")
 PROMPTS_FILE = "heldout_prompts.json"
 
 
@@ -89,7 +92,7 @@ class Run:
 @dataclass
 class Bench:
     model: object  # our Orthrus model
-    base_model: Optional[object]  # mlx-lm's plain Qwen3 on the same weights
+    base_models: Dict[str, object]  # per baseline mode, mlx-lm's plain model of the same base
     tokenizer: object
     max_tokens: int
     auto: object = "auto"  # the auto mode's one adaptive policy, over the user's stored step costs
@@ -143,6 +146,19 @@ def load_prompts(path: Path) -> List[str]:
     if not isinstance(data, list) or not data:
         raise ValueError(f"{path}: expected a non-empty JSON list of prompts")
     return [p["text"] if isinstance(p, dict) else str(p) for p in data]
+
+
+def load_mlx_lm_4bit(model_path: Path):
+    """mlx-lm's model of the base on 4-bit weights: a GGUF's own when its layers are 4-bit, else
+    mlx-lm's own 4-bit quantization (group 64) of the float weights."""
+    import mlx.nn as nn
+
+    if gguf.is_gguf(model_path) and gguf.read_gguf(model_path)[0].get("quantization", {}).get("bits") == 4:
+        return load_mlx_lm_model(model_path, None)
+    model = load_mlx_lm_model(model_path, "float16")
+    if not any(isinstance(m, nn.QuantizedLinear) for _, m in model.named_modules()):
+        nn.quantize(model, group_size=64, bits=4)
+    return model
 
 
 def load_mlx_lm_model(model_path: Path, dtype: Optional[str]):
@@ -201,9 +217,9 @@ def run_once(bench: Bench, mode: str, prompt: List[int]) -> Run:
     mx.reset_peak_memory()
     before = mx.get_active_memory()
     stats = DecodeStats()
-    if mode == "mlx-lm":
+    if mode in BASELINES:
         responses = mlx_lm_stream_generate(
-            bench.base_model, bench.tokenizer, prompt, max_tokens=bench.max_tokens
+            bench.base_models[mode], bench.tokenizer, prompt, max_tokens=bench.max_tokens
         )
     else:
         responses = stream_generate(
@@ -216,7 +232,7 @@ def run_once(bench: Bench, mode: str, prompt: List[int]) -> Run:
         first = first or last
         tokens.append(response.token)
     peak = mx.get_peak_memory() - before + bench.weight_bytes[mode]
-    steps = [1] * (len(tokens) - 1) if mode == "mlx-lm" else list(stats.tokens_per_step)
+    steps = [1] * (len(tokens) - 1) if mode in BASELINES else list(stats.tokens_per_step)
     return Run(tokens, first - tic, last - first, steps, peak)
 
 
@@ -230,7 +246,7 @@ def summarize(runs: Dict[str, List[List[Run]]], modes: List[str]) -> Dict[str, d
         gen_tokens = sum(len(rs[0].tokens) - 1 for rs in per_prompt)
         steps = [s for rs in per_prompt for s in rs[0].tokens_per_step]
         mismatches = None  # no mlx-lm run to compare with
-        if reference is not None:
+        if reference is not None and mode != "mlx-lm-4bit":  # other weights: other tokens
             mismatches = [i for i, rs in enumerate(per_prompt) if rs[0].tokens != reference[i][0].tokens]
         out[mode] = {
             "tokens_per_sec": gen_tokens / gen_time if gen_time > 0 else 0.0,
@@ -371,10 +387,14 @@ def run(args: argparse.Namespace) -> int:
     block_sizes = parse_block_sizes(args.block_sizes, model.block_size)
     modes = parse_modes(args.modes, block_sizes, model.has_diffusion)
     notes = [] if model.has_diffusion else ["plain Qwen3 checkpoint: no orthrus/auto modes"]
-    base_model = load_mlx_lm_model(model_path, dtype) if "mlx-lm" in modes else None
+    base_models = {}
+    if "mlx-lm" in modes:
+        base_models["mlx-lm"] = load_mlx_lm_model(model_path, dtype)
+    if "mlx-lm-4bit" in modes:
+        base_models["mlx-lm-4bit"] = load_mlx_lm_4bit(model_path)
     auto = adaptive_block(model, user_store()) if "auto" in modes else "auto"
-    bench = Bench(model, base_model, tokenizer, args.max_tokens, auto)
-    bench.weight_bytes = {m: weight_bytes(base_model if m == "mlx-lm" else model) for m in modes}
+    bench = Bench(model, base_models, tokenizer, args.max_tokens, auto)
+    bench.weight_bytes = {m: weight_bytes(base_models.get(m, model)) for m in modes}
     if args.chat:
         prompts = [chat_prompt(tokenizer, [{"role": "user", "content": t}], {}) for t in texts]
     else:
