@@ -29,12 +29,24 @@ def log_probs(logits: mx.array, params: SamplingParams) -> mx.array:
     return logprobs - mx.logsumexp(logprobs, axis=-1, keepdims=True)
 
 
-class MLXBackend:
-    """The model passes of one generation over an explicit per-layer KV cache."""
+def log_softmax(logits: mx.array) -> mx.array:
+    """The base model's log-probabilities, as mlx-lm reports them (no sampling processing)."""
+    logits = logits.astype(mx.float32)
+    return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
 
-    def __init__(self, model: Model, cache: List[Any], seed: Optional[int] = None):
+
+class MLXBackend:
+    """The model passes of one generation over an explicit per-layer KV cache.
+
+    With `logprobs`, the prefill and every verify pass also hand back their log-softmax
+    rows (`prefill_logprobs`, `Scores.logprobs`): vocabulary-wide work no other caller pays.
+    """
+
+    def __init__(self, model: Model, cache: List[Any], seed: Optional[int] = None, logprobs: bool = False):
         self.model = model
         self.cache = cache
+        self.logprobs = logprobs
+        self.prefill_logprobs: Optional[mx.array] = None
         self.passes = passes.compiled_passes(model)
         self.vocab_size = model.args.vocab_size
         self.max_positions = model.args.max_position_embeddings
@@ -59,6 +71,8 @@ class MLXBackend:
             mx.eval([c.state for c in self.cache])
             tokens = tokens[PREFILL_STEP_SIZE:]
         logits = self.model(tokens[None], cache=self.cache)[0, -1]
+        if self.logprobs:
+            self.prefill_logprobs = log_softmax(logits)
         return self.sample(logits, params).item()
 
     def draft(self, token: int, length: int, params: SamplingParams):
@@ -74,15 +88,17 @@ class MLXBackend:
         d, q = drafted if drafted is not None else (mx.zeros((0,), mx.int32), None)
         block = mx.concatenate([mx.array([token], dtype=mx.int32), d])
         logits = self.passes(block[None], self.cache, "verify")[0]
+        rows = log_softmax(logits) if self.logprobs else None
         if params.greedy:
             target = self.sample(logits, params)
-            mx.eval(d, target)
-            return Scores(d.tolist(), target.tolist())
+            mx.eval(d, target, rows)
+            return Scores(d.tolist(), target.tolist(), logprobs=rows)
 
         p = log_probs(logits, params)
         if q is None:
             target = mx.random.categorical(p, key=self.next_key())
-            return Scores([], target.tolist())
+            mx.eval(target, rows)
+            return Scores([], target.tolist(), logprobs=rows)
         p_d = mx.take_along_axis(p[:-1], d[:, None], axis=-1)[:, 0]
         q_d = mx.take_along_axis(q, d[:, None], axis=-1)[:, 0]
         ratio = mx.exp(p_d - q_d)
@@ -94,8 +110,8 @@ class MLXBackend:
         target = mx.random.categorical(
             mx.concatenate([residual, p[-1:]]), key=self.next_key()
         )
-        mx.eval(d, target, ratio)
-        return Scores(d.tolist(), target.tolist(), ratio.tolist())
+        mx.eval(d, target, ratio, rows)
+        return Scores(d.tolist(), target.tolist(), ratio.tolist(), rows)
 
     def trim(self, n: int) -> None:
         for c in self.cache:
