@@ -1,7 +1,7 @@
 """The MLX backend: the model passes of one generation over an explicit per-layer KV cache."""
 
 import sys
-from typing import Any, List, Optional, Sequence
+from typing import Any, Callable, List, Optional, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -42,10 +42,18 @@ class MLXBackend:
     rows (`prefill_logprobs`, `Scores.logprobs`): vocabulary-wide work no other caller pays.
     """
 
-    def __init__(self, model: Model, cache: List[Any], seed: Optional[int] = None, logprobs: bool = False):
+    def __init__(
+        self,
+        model: Model,
+        cache: List[Any],
+        seed: Optional[int] = None,
+        logprobs: bool = False,
+        progress: Optional[Callable[[int, int], None]] = None,
+    ):
         self.model = model
         self.cache = cache
         self.logprobs = logprobs
+        self.progress = progress or (lambda done, total: None)  # (prompt tokens prefilled, total), as mlx-lm
         self.prefill_logprobs: Optional[mx.array] = None
         self.passes = passes.compiled_passes(model)
         self.vocab_size = model.args.vocab_size
@@ -66,14 +74,19 @@ class MLXBackend:
 
     def prefill(self, tokens: Sequence[int], params: SamplingParams) -> int:
         tokens = mx.array(tokens, dtype=mx.int32)
+        total = tokens.size
+        self.progress(0, total)
         while tokens.size > PREFILL_STEP_SIZE:
             self.model(tokens[None, :PREFILL_STEP_SIZE], cache=self.cache)
             mx.eval([c.state for c in self.cache])
             tokens = tokens[PREFILL_STEP_SIZE:]
+            self.progress(total - tokens.size, total)
         logits = self.model(tokens[None], cache=self.cache)[0, -1]
         if self.logprobs:
             self.prefill_logprobs = log_softmax(logits)
-        return self.sample(logits, params).item()
+        token = self.sample(logits, params).item()
+        self.progress(total, total)
+        return token
 
     def draft(self, token: int, length: int, params: SamplingParams):
         block = mx.array([[token] + [self.model.mask_token_id] * (length - 1)])

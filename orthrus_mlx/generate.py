@@ -2,7 +2,7 @@
 
 import time
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator, List, Optional, Sequence, Union
+from typing import Any, Callable, Iterable, Iterator, List, Optional, Sequence, Union
 
 import mlx.core as mx
 from mlx_lm.generate import GenerationResponse as MLXGenerationResponse
@@ -57,13 +57,15 @@ def mlx_generate_steps(
     block_size: Union[int, str, BlockPolicy, None] = None,
     prompt_cache: Optional[List[Any]] = None,
     logprobs: bool = False,
+    prompt_progress_callback: Optional[Callable[[int, int], None]] = None,
 ) -> Iterator[Step]:
     """`mlx_generate`'s decoding as `Step` records: which tokens were accepted drafts, and with
-    `logprobs` each token's log-softmax row from the base model's own (prefill or verify) pass."""
+    `logprobs` each token's log-softmax row from the base model's own (prefill or verify) pass.
+    `prompt_progress_callback(done, total)`: as mlx-lm's, at the prefill's start, chunks and end."""
     cache = prompt_cache if prompt_cache is not None else model.make_cache()
     yield from generate_steps(
         model,
-        lambda prompt, policy: MLXBackend(model, cache, params.seed, logprobs),
+        lambda prompt, policy: MLXBackend(model, cache, params.seed, logprobs, prompt_progress_callback),
         lambda: adaptive_block(model),
         prompt_tokens, eos_token_id, max_tokens, params, use_diffusion, block_size,
     )
