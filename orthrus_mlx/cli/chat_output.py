@@ -8,7 +8,7 @@ reasoning in a `reasoning` field, calls in `tool_calls`, finish reason "tool_cal
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from mlx_lm.generate import TextStateMachine, make_text_state_machine
 from mlx_lm.server import ToolCallFormatter
@@ -27,11 +27,27 @@ def initial_state(tokenizer, prompt: Sequence[int]) -> str:
 
 @dataclass
 class Delta:
-    """What a piece of text added to each part of the answer."""
+    """What a piece of text added to each part of the answer; `parts` the same in the order
+    written, as ("reasoning" | "content", text) and ("tool_call", call) pairs."""
 
     content: str = ""
     reasoning: str = ""
     tool_calls: List[Dict[str, Any]] = field(default_factory=list)
+    parts: List[Tuple[str, Any]] = field(default_factory=list)
+
+    def add(self, kind: str, value: Any) -> None:
+        if kind == "tool_call":
+            self.tool_calls.append(value)
+        elif not value:
+            return
+        elif kind == "reasoning":
+            self.reasoning += value
+        else:
+            self.content += value
+        if kind != "tool_call" and self.parts and self.parts[-1][0] == kind:
+            self.parts[-1] = (kind, self.parts[-1][1] + value)
+        else:
+            self.parts.append((kind, value))
 
     def __bool__(self) -> bool:
         return bool(self.content or self.reasoning or self.tool_calls)
@@ -65,13 +81,13 @@ class ChatOutput:
         delta = Delta()
         for name, piece in segments:
             if name == "reasoning":
-                delta.reasoning += piece
+                delta.add("reasoning", piece)
             elif name == "tool":
                 self.tool_text += piece
             elif name == "normal":
                 if self.current == "tool":
                     self._end_tool_call(delta, closed=True)
-                delta.content += piece
+                delta.add("content", piece)
             self.current = name
         if final and self.current == "tool" and self.tool_text:  # a call cut off, or one with no end marker
             self._end_tool_call(delta, closed=False)
@@ -86,11 +102,12 @@ class ChatOutput:
             except Exception as e:  # a parser that trips over what the model wrote
                 log.warning("could not parse a tool call (%s: %s)", type(e).__name__, e)
         if calls:
-            delta.tool_calls.extend(calls)
+            for c in calls:
+                delta.add("tool_call", c)
             self.made_tool_call = True
         else:
             end = (self.tokenizer.tool_call_end or "") if closed else ""
-            delta.content += f"{self.tokenizer.tool_call_start}{text}{end}"
+            delta.add("content", f"{self.tokenizer.tool_call_start}{text}{end}")
 
     def finish_reason(self, finish: Optional[str]) -> Optional[str]:
         """mlx_lm.server's: an answer that made a call and then stopped finished with "tool_calls"."""

@@ -1,19 +1,20 @@
 """`orthrus-mlx server`: OpenAI-compatible HTTP over one model, one request at a time.
 
-POST /v1/chat/completions and /v1/completions (SSE streaming or not), GET /v1/models
-and /health. Requests generate one at a time in arrival order, all on one model thread
-(see OnOneThread); a small pool of prompt caches keeps each conversation's prefix, so a
-request prefills only what is new. As in mlx_lm.server: `logprobs`/`top_logprobs` (the base
-model's), `tools` rendered by the chat template and calls parsed into `tool_calls`, thinking
-in a `reasoning` field (chat_output.py), CORS headers, and keep-alive comments while a
-streamed prompt prefills.
+POST /v1/chat/completions and /v1/completions (SSE streaming or not), Anthropic's
+/v1/messages (anthropic.py), GET /v1/models and /health. Requests generate one at a time
+in arrival order, all on one model thread (see OnOneThread); a small pool of prompt caches
+keeps each conversation's prefix, so a request prefills only what is new. As in
+mlx_lm.server: `logprobs`/`top_logprobs` (the base model's), `tools` rendered by the chat
+template and calls parsed into `tool_calls`, thinking in a `reasoning` field
+(chat_output.py), CORS headers, and keep-alive comments while a streamed prompt prefills.
 
 What a client sends is bounded before any work: a body of at most MAX_BODY_BYTES, finite
 numbers, integers of at most 20 digits, only the chat template variables of
-`flags.TEMPLATE_VARIABLES` plus checked `tools`/`tool_choice` (never a template of its own,
-so rendering the model's template takes time linear in the body), a rendered prompt of at most MAX_PROMPT_CHARS characters
-and a token count that fits the context. A generation that fails drops the prompt cache it
-used, so no failure reaches a later request.
+`flags.TEMPLATE_VARIABLES` plus checked `tools`/`tool_choice` (never a template of its
+own, so rendering the model's template takes time linear in the body), a rendered prompt
+of at most MAX_PROMPT_CHARS characters and a token count that fits the context. A
+generation that fails drops the prompt cache it used, so no failure reaches a later
+request.
 """
 
 import argparse
@@ -41,7 +42,9 @@ from ..core.step import DecodeStats, check_context
 from ..generate import add_special_tokens, stream_generate
 from ..loader import DEFAULT_MODEL, load
 from ..prompt_cache import PromptCachePool
+from . import anthropic
 from .chat_output import ChatOutput
+from .errors import RequestError
 from .flags import (
     add_chat_template_arguments,
     add_model_arguments,
@@ -68,16 +71,9 @@ MAX_INT_DIGITS = 20
 LISTEN_BACKLOG = 128  # connections the kernel holds while we accept; bursts of clients get no resets
 MAX_TOP_LOGPROBS = 20  # OpenAI's bound
 KEEPALIVE_POLL_S = 1.0  # how often a streaming handler waiting on the model looks for prefill progress
+MESSAGES_PATHS = ("/v1/messages", "/v1/messages/count_tokens")  # Anthropic's
 DISCONNECTS = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError, TimeoutError)
 log = logging.getLogger("orthrus_mlx.server")
-
-
-class RequestError(ValueError):
-    """A request the server refuses, with its HTTP status and the offending field."""
-
-    def __init__(self, message: str, status: int = 400, param: Optional[str] = None):
-        super().__init__(message)
-        self.status, self.param = status, param
 
 
 class FifoLock:
@@ -139,13 +135,15 @@ class StopStrings:
     def __init__(self, stops: List[str]):
         self.stops = [s for s in stops if s]
         self.pending = ""
+        self.matched: Optional[str] = None  # the stop string reached
 
     def feed(self, text: str) -> Tuple[str, bool]:
         """(text safe to emit, whether a stop string was reached)."""
         self.pending += text
-        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
+        hits = [(i, s) for s, i in ((s, self.pending.find(s)) for s in self.stops) if i >= 0]
         if hits:
-            out, self.pending = self.pending[: min(hits)], ""
+            cut, self.matched = min(hits)
+            out, self.pending = self.pending[:cut], ""
             return out, True
         hold = 0
         for s in self.stops:
@@ -376,6 +374,7 @@ class Piece(NamedTuple):
     text: str
     finish: Optional[str] = None
     logprobs: List[Dict[str, Any]] = []
+    stop: Optional[str] = None  # the stop string that ended the answer
 
 
 def finite(value: float) -> float:
@@ -556,7 +555,7 @@ class App:
                     logprobs.append(logprob_entry(self.tokenizer, r.token, r.logprobs, req.top_logprobs))
                 text, stopped = stops.feed(r.text)
                 if stopped:
-                    yield Piece(text, "stop", logprobs)
+                    yield Piece(text, "stop", logprobs, stops.matched)
                     return
                 if r.finish_reason is not None:
                     yield Piece(text + stops.flush(), r.finish_reason, logprobs)
@@ -654,7 +653,16 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
+    anthropic = False  # whether this request came to the Anthropic endpoint: errors in its shape
+
+    def parse_request(self) -> bool:
+        self.anthropic = False  # a kept-alive connection's next request starts afresh
+        return super().parse_request()
+
     def send_error_json(self, status: int, message: str, param: Optional[str] = None) -> None:
+        if self.anthropic:
+            self.send_json(status, anthropic.error_body(status, message))
+            return
         kind = "invalid_request_error" if status < 500 else "server_error"
         self.send_json(
             status, {"error": {"message": message, "type": kind, "param": param, "code": None}}
@@ -675,12 +683,18 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         path = self.path.split("?")[0].rstrip("/")
-        if path not in ("/v1/chat/completions", "/v1/completions", "/chat/completions"):
+        self.anthropic = path in MESSAGES_PATHS
+        if path not in ("/v1/chat/completions", "/v1/completions", "/chat/completions") + MESSAGES_PATHS:
             self.send_error_json(404, f"No route for POST {self.path}")
             return
         try:
             body = self.read_body()
-            req = self.app.request(path, body)
+            if self.anthropic:
+                body = anthropic.chat_body(dict(body, max_tokens=1) if path.endswith("count_tokens") else body)
+            req = self.app.request("/v1/chat/completions" if self.anthropic else path, body)
+            if path.endswith("count_tokens"):
+                self.send_json(200, {"input_tokens": len(req.prompt)})
+                return
         except RequestError as e:
             self.send_error_json(e.status, str(e), e.param)
             return
@@ -695,7 +709,9 @@ class Handler(BaseHTTPRequestHandler):
         chat = path.endswith("chat/completions")
         with self.app.lock:
             try:
-                if req.stream:
+                if self.anthropic:
+                    (self.stream_message if req.stream else self.whole_message)(req)
+                elif req.stream:
                     self.stream_response(req, chat)
                 else:
                     self.whole_response(req, chat)
@@ -791,20 +807,10 @@ class Handler(BaseHTTPRequestHandler):
                 choice = {"index": 0, "text": part or "", "finish_reason": finish, "logprobs": logprobs}
             return dict(head, choices=[choice])
 
-        progress: "queue.SimpleQueue[Tuple[int, int]]" = queue.SimpleQueue()
-
-        def keepalive() -> None:
-            """mlx_lm.server's habit: an SSE comment per prefill chunk, so that proxies and
-            clients waiting through a long prompt see the connection live."""
-            while not progress.empty():
-                done, total = progress.get()
-                self.wfile.write(f": keepalive {done}/{total}\n\n".encode())
-                self.wfile.flush()
-
         usage: Dict[str, Any] = {}
         finish = None
         output = ChatOutput(self.app.tokenizer, req.prompt, req.tools, streaming=True) if chat else None
-        pieces = self.app.generate(req, usage, lambda done, total: progress.put((done, total)), keepalive)
+        pieces = self.streamed_pieces(req, usage)
         try:
             self.send_response(200)
             self.send_header("Content-Type", "text/event-stream")
@@ -834,6 +840,77 @@ class Handler(BaseHTTPRequestHandler):
                      usage.get("completion_tokens", 0))
         finally:
             pieces.close()  # stops generation and records the cache
+        self.log_generation(usage, finish)
+
+    def streamed_pieces(self, req: Request, usage: Dict[str, Any]) -> OnOneThread:
+        """`App.generate` for a streamed answer: mlx_lm.server's habit of an SSE comment per
+        prefill chunk, so that proxies and clients waiting through a long prompt see it live."""
+        progress: "queue.SimpleQueue[Tuple[int, int]]" = queue.SimpleQueue()
+
+        def keepalive() -> None:
+            while not progress.empty():
+                done, total = progress.get()
+                self.wfile.write(f": keepalive {done}/{total}\n\n".encode())
+                self.wfile.flush()
+
+        return self.app.generate(req, usage, lambda done, total: progress.put((done, total)), keepalive)
+
+    def whole_message(self, req: Request) -> None:
+        """An Anthropic message: the answer's parts as content blocks."""
+        usage: Dict[str, Any] = {}
+        text, finish, stop = "", None, None
+        pieces = self.app.generate(req, usage)
+        try:
+            for piece in pieces:
+                text += piece.text
+                finish, stop = piece.finish, piece.stop
+        finally:
+            pieces.close()
+        output = ChatOutput(self.app.tokenizer, req.prompt, req.tools)
+        blocks = anthropic.content_blocks(output.feed(text, final=True).parts)
+        reason = anthropic.stop_reason(finish, stop, output.made_tool_call)
+        self.log_generation(usage, finish)
+        rid = f"msg_{uuid.uuid4().hex}"
+        try:
+            self.send_json(200, anthropic.message(rid, self.app.model_id, blocks, reason, stop, usage))
+        except DISCONNECTS:
+            log.info("client disconnected before the answer was sent")
+
+    def stream_message(self, req: Request) -> None:
+        """An Anthropic message as its stream of events (named SSE events, as Anthropic sends)."""
+
+        def send(name: str, payload: Dict[str, Any]) -> None:
+            self.wfile.write(f"event: {name}\ndata: {json.dumps(payload)}\n\n".encode())
+            self.wfile.flush()
+
+        usage: Dict[str, Any] = {"prompt_tokens": len(req.prompt)}
+        finish, stop = None, None
+        output = ChatOutput(self.app.tokenizer, req.prompt, req.tools, streaming=True)
+        events = anthropic.Events(send)
+        pieces = self.streamed_pieces(req, usage)
+        try:
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Cache-Control", "no-cache")
+            self.end_headers()
+            rid = f"msg_{uuid.uuid4().hex}"
+            send("message_start", {"type": "message_start",
+                                   "message": anthropic.message(rid, self.app.model_id, [], None, None, usage)})
+            for piece in pieces:
+                finish, stop = piece.finish, piece.stop
+                events.feed(output.feed(piece.text).parts)
+            events.feed(output.feed("", final=True).parts)
+            events.close()
+            reason = anthropic.stop_reason(finish, stop, output.made_tool_call)
+            send("message_delta", {"type": "message_delta", "delta": {"stop_reason": reason, "stop_sequence": stop},
+                                   "usage": anthropic.message_usage(usage)})
+            send("message_stop", {"type": "message_stop"})
+        except DISCONNECTS:
+            self.close_connection = True
+            log.info("client disconnected mid-stream after %d tokens; generation stopped",
+                     usage.get("completion_tokens", 0))
+        finally:
+            pieces.close()
         self.log_generation(usage, finish)
 
     def send_event(self, payload: Dict[str, Any]) -> None:
