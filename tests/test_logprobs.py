@@ -113,6 +113,9 @@ def test_completion_logprobs_take_openai_integer_form(served, loaded):
     assert status == 200, data
     entries = data["choices"][0]["logprobs"]["content"]
     check_entries(model, tokenizer.encode(PROMPT), entries, 2)
+    status, text = request(served.address, "POST", "/v1/completions", dict(body, stream=True))
+    events = sse(text).events
+    assert [e for ev in events for e in ev["choices"][0]["logprobs"]["content"]] == entries
 
 
 BAD = [
