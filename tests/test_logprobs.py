@@ -137,3 +137,13 @@ def test_bad_logprobs_fields_get_400(served, kind, fields, message):
     assert status == 400 and message in data["error"]["message"], data
     status, data = request(served.address, "POST", path, dict(body, max_tokens=2))
     assert status == 200, data
+
+
+def test_openai_client_reads_logprobs(served, loaded):
+    openai = pytest.importorskip("openai")
+    model, tokenizer = loaded
+    client = openai.OpenAI(base_url=f"http://{served.address[0]}:{served.address[1]}/v1", api_key="x", max_retries=0)
+    answer = client.chat.completions.create(model="m", messages=MESSAGES, max_tokens=8, logprobs=True, top_logprobs=2)
+    content = answer.choices[0].logprobs.content
+    assert len(content) == answer.usage.completion_tokens
+    assert all(len(c.top_logprobs) == 2 and c.top_logprobs[0].logprob >= c.logprob - 1e-6 for c in content)

@@ -183,3 +183,23 @@ def test_bad_tool_fields_get_400_and_the_server_keeps_serving(served, name, fiel
     assert message in data["error"]["message"] and data["error"]["type"] == "invalid_request_error"
     status, data = request(served.address, "POST", CHAT, {"messages": MESSAGES, "max_tokens": 2})
     assert status == 200, data
+
+
+def test_openai_client_reads_tool_calls_whole_and_streamed(served, tokenizer, monkeypatch):
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=f"http://{served.address[0]}:{served.address[1]}/v1", api_key="x", max_retries=0)
+    text = "Two cities.</think>" + CALL + CALL.replace("Paris", "Rome")
+    use_script(monkeypatch, list(text), tokenizer)
+    answer = client.chat.completions.create(model="m", messages=MESSAGES, tools=[WEATHER])
+    choice = answer.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    assert [json.loads(c.function.arguments)["city"] for c in choice.message.tool_calls] == ["Paris", "Rome"]
+    assert choice.message.model_extra["reasoning"] == "Two cities."
+    calls = {}
+    for chunk in client.chat.completions.create(model="m", messages=MESSAGES, tools=[WEATHER], stream=True):
+        for call in chunk.choices[0].delta.tool_calls or []:
+            calls.setdefault(call.index, "")
+            calls[call.index] += call.function.arguments
+        finish = chunk.choices[0].finish_reason or None
+    assert [json.loads(a)["city"] for _, a in sorted(calls.items())] == ["Paris", "Rome"]
+    assert finish == "tool_calls"

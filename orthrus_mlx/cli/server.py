@@ -386,6 +386,7 @@ def logprob_entry(tokenizer, token: int, row: mx.array, top: int) -> Dict[str, A
     alternatives, most likely first. Reads `row` (the base model's log-softmax)."""
     entry = {"id": token, "token": tokenizer.convert_ids_to_tokens(token), "logprob": finite(row[token].item())}
     top = min(top, row.size)
+    entry["top_logprobs"] = []  # always there, as OpenAI's clients expect
     if top > 0:
         ids = mx.argpartition(-row, kth=top - 1)[:top]
         values = row[ids]
