@@ -188,3 +188,32 @@ def test_error_shapes_follow_the_endpoint(served):
     status, text = raw_http(served.address, b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nContent-Length: 99999999\r\n"
                             b"Connection: close\r\n\r\n" + big)
     assert status == 413 and json.loads(text)["error"]["type"] == "request_too_large"
+
+
+@pytest.mark.parametrize("streamed", [False, True], ids=["whole", "streamed"])
+def test_a_generation_that_fails_midway(served, loaded, monkeypatch, streamed):
+    """An api_error (or a stream cut short of message_stop), then correct answers again."""
+    from orthrus_mlx.backend import MLXBackend
+
+    original, calls = MLXBackend.verify, []
+
+    def failing(self, *args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("injected failure in verify")
+        return original(self, *args)
+
+    messages = [{"role": "user", "content": f"Anthropic, {'streamed' if streamed else 'whole'}: and then?"}]
+    body = {"max_tokens": 12, "messages": messages, "stream": streamed}
+    monkeypatch.setattr(MLXBackend, "verify", failing)
+    status, data = request(served.address, "POST", MESSAGES, body)
+    monkeypatch.undo()
+    if streamed:
+        assert status == 200 and "message_stop" not in data
+    else:
+        assert status == 500 and data["error"] == {"type": "api_error",
+                                                   "message": "Generation failed: injected failure in verify"}
+    model, tokenizer = loaded
+    want = generate(model, tokenizer, chat_prompt(tokenizer, messages, {}), max_tokens=12)
+    status, data = request(served.address, "POST", MESSAGES, dict(body, stream=False))
+    assert status == 200 and data["content"] == [{"type": "text", "text": want}]

@@ -203,3 +203,15 @@ def test_openai_client_reads_tool_calls_whole_and_streamed(served, tokenizer, mo
         finish = chunk.choices[0].finish_reason or None
     assert [json.loads(a)["city"] for _, a in sorted(calls.items())] == ["Paris", "Rome"]
     assert finish == "tool_calls"
+
+
+def test_a_parser_that_raises_gives_the_text_back(tokenizer):
+    from mlx_lm.server import ToolCallFormatter
+
+    def broken(text, tools):
+        raise KeyError("name")
+
+    output = ChatOutput(tokenizer, [], None)
+    output.formatter = ToolCallFormatter(broken, None)
+    delta = output.feed("a" + CALL + "b", final=True)
+    assert (delta.content, delta.tool_calls, output.finish_reason("stop")) == ("a" + CALL + "b", [], "stop")
