@@ -1,7 +1,7 @@
 """The MLX backend: the model passes of one generation over an explicit per-layer KV cache."""
 
 import sys
-from typing import Any, List, Optional, Sequence
+from typing import Any, Callable, List, Optional, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -29,12 +29,32 @@ def log_probs(logits: mx.array, params: SamplingParams) -> mx.array:
     return logprobs - mx.logsumexp(logprobs, axis=-1, keepdims=True)
 
 
-class MLXBackend:
-    """The model passes of one generation over an explicit per-layer KV cache."""
+def log_softmax(logits: mx.array) -> mx.array:
+    """The base model's log-probabilities, as mlx-lm reports them (no sampling processing)."""
+    logits = logits.astype(mx.float32)
+    return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
 
-    def __init__(self, model: Model, cache: List[Any], seed: Optional[int] = None):
+
+class MLXBackend:
+    """The model passes of one generation over an explicit per-layer KV cache.
+
+    With `logprobs`, the prefill and every verify pass also hand back their log-softmax
+    rows (`prefill_logprobs`, `Scores.logprobs`): vocabulary-wide work no other caller pays.
+    """
+
+    def __init__(
+        self,
+        model: Model,
+        cache: List[Any],
+        seed: Optional[int] = None,
+        logprobs: bool = False,
+        progress: Optional[Callable[[int, int], None]] = None,
+    ):
         self.model = model
         self.cache = cache
+        self.logprobs = logprobs
+        self.progress = progress or (lambda done, total: None)  # (prompt tokens prefilled, total), as mlx-lm
+        self.prefill_logprobs: Optional[mx.array] = None
         self.passes = passes.compiled_passes(model)
         self.vocab_size = model.args.vocab_size
         self.max_positions = model.args.max_position_embeddings
@@ -54,12 +74,19 @@ class MLXBackend:
 
     def prefill(self, tokens: Sequence[int], params: SamplingParams) -> int:
         tokens = mx.array(tokens, dtype=mx.int32)
+        total = tokens.size
+        self.progress(0, total)
         while tokens.size > PREFILL_STEP_SIZE:
             self.model(tokens[None, :PREFILL_STEP_SIZE], cache=self.cache)
             mx.eval([c.state for c in self.cache])
             tokens = tokens[PREFILL_STEP_SIZE:]
+            self.progress(total - tokens.size, total)
         logits = self.model(tokens[None], cache=self.cache)[0, -1]
-        return self.sample(logits, params).item()
+        if self.logprobs:
+            self.prefill_logprobs = log_softmax(logits)
+        token = self.sample(logits, params).item()
+        self.progress(total, total)
+        return token
 
     def draft(self, token: int, length: int, params: SamplingParams):
         block = mx.array([[token] + [self.model.mask_token_id] * (length - 1)])
@@ -74,15 +101,17 @@ class MLXBackend:
         d, q = drafted if drafted is not None else (mx.zeros((0,), mx.int32), None)
         block = mx.concatenate([mx.array([token], dtype=mx.int32), d])
         logits = self.passes(block[None], self.cache, "verify")[0]
+        rows = log_softmax(logits) if self.logprobs else None
         if params.greedy:
             target = self.sample(logits, params)
-            mx.eval(d, target)
-            return Scores(d.tolist(), target.tolist())
+            mx.eval(d, target, rows)
+            return Scores(d.tolist(), target.tolist(), logprobs=rows)
 
         p = log_probs(logits, params)
         if q is None:
             target = mx.random.categorical(p, key=self.next_key())
-            return Scores([], target.tolist())
+            mx.eval(target, rows)
+            return Scores([], target.tolist(), logprobs=rows)
         p_d = mx.take_along_axis(p[:-1], d[:, None], axis=-1)[:, 0]
         q_d = mx.take_along_axis(q, d[:, None], axis=-1)[:, 0]
         ratio = mx.exp(p_d - q_d)
@@ -94,8 +123,8 @@ class MLXBackend:
         target = mx.random.categorical(
             mx.concatenate([residual, p[-1:]]), key=self.next_key()
         )
-        mx.eval(d, target, ratio)
-        return Scores(d.tolist(), target.tolist(), ratio.tolist())
+        mx.eval(d, target, ratio, rows)
+        return Scores(d.tolist(), target.tolist(), ratio.tolist(), rows)
 
     def trim(self, n: int) -> None:
         for c in self.cache:

@@ -2,7 +2,7 @@
 
 import time
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator, List, Optional, Sequence, Union
+from typing import Any, Callable, Iterable, Iterator, List, Optional, Sequence, Union
 
 import mlx.core as mx
 from mlx_lm.generate import GenerationResponse as MLXGenerationResponse
@@ -56,12 +56,16 @@ def mlx_generate_steps(
     use_diffusion: bool = True,
     block_size: Union[int, str, BlockPolicy, None] = None,
     prompt_cache: Optional[List[Any]] = None,
+    logprobs: bool = False,
+    prompt_progress_callback: Optional[Callable[[int, int], None]] = None,
 ) -> Iterator[Step]:
-    """`mlx_generate`'s decoding as `Step` records: which tokens were accepted drafts."""
+    """`mlx_generate`'s decoding as `Step` records: which tokens were accepted drafts, and with
+    `logprobs` each token's log-softmax row from the base model's own (prefill or verify) pass.
+    `prompt_progress_callback(done, total)`: as mlx-lm's, at the prefill's start, chunks and end."""
     cache = prompt_cache if prompt_cache is not None else model.make_cache()
     yield from generate_steps(
         model,
-        lambda prompt, policy: MLXBackend(model, cache, params.seed),
+        lambda prompt, policy: MLXBackend(model, cache, params.seed, logprobs, prompt_progress_callback),
         lambda: adaptive_block(model),
         prompt_tokens, eos_token_id, max_tokens, params, use_diffusion, block_size,
     )
@@ -88,7 +92,11 @@ def stream_generate(
     max_tokens: int = 256,
     **kwargs,
 ) -> Iterator[GenerationResponse]:
-    """Stream text as tokens are accepted; `kwargs` are `mlx_generate`'s options."""
+    """Stream text as tokens are accepted; `kwargs` are `mlx_generate`'s options.
+
+    `logprobs=True` fills each response's `logprobs` as mlx-lm does: the log-softmax over the
+    vocabulary at the token's position, from the base model's pass (never the drafter's). Off
+    by default, it costs a vocabulary-wide pass over every verified row."""
     if isinstance(prompt, str):
         prompt = tokenizer.encode(prompt, add_special_tokens=add_special_tokens(tokenizer, prompt))
     prompt = as_token_list(prompt)
@@ -118,7 +126,7 @@ def stream_generate(
             yield GenerationResponse(
                 text=detokenizer.last_segment,
                 token=token,
-                logprobs=None,
+                logprobs=None if step.logprobs is None else step.logprobs[i],
                 from_draft=i < step.accepted,
                 prompt_tokens=len(prompt),
                 prompt_tps=prompt_tps,

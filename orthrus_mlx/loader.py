@@ -121,9 +121,14 @@ def load_gguf(path: Path, drafter: bool) -> Tuple[Model, Dict[str, Any], MakeTok
     gguf.load_into(model, config, weights)
 
     def tokenizer(extra: Optional[Dict[str, Any]]) -> TokenizerWrapper:
+        extra = dict(extra or {})
+        template = extra.pop("chat_template", None)  # the one setting a GGUF tokenizer takes
         if extra:
             warnings.warn("tokenizer_config is ignored for a GGUF file: its tokenizer is its metadata's")
-        return TokenizerWrapper(gguf.build_tokenizer(meta), BPEStreamingDetokenizer, config["eos_token_id"])
+        hf = gguf.build_tokenizer(meta)
+        if template is not None:
+            hf.chat_template = template
+        return TokenizerWrapper(hf, BPEStreamingDetokenizer, config["eos_token_id"])
 
     return model, config, tokenizer
 

@@ -1,6 +1,6 @@
 """One conversation's KV cache and the token ids it holds, reused across turns and requests."""
 
-from typing import Any, List, Sequence
+from typing import Any, List, Optional, Sequence
 
 import mlx.core as mx
 
@@ -34,6 +34,11 @@ class PromptCache:
 
     def __len__(self) -> int:
         return len(self.tokens)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes its KV arrays take (a fork's shared arrays counted in each holder: an upper bound)."""
+        return sum(c.nbytes for c in self.cache)
 
     def prepare(self, prompt: Sequence[int]) -> List[int]:
         """Trim the cache to its longest common prefix with `prompt`; the tokens left to prefill.
@@ -88,13 +93,16 @@ class PromptCachePool:
     """A few prompt caches, so that interleaved conversations each keep their own prefix.
 
     A prompt takes the cache it extends; one that branches off a cache gets a fork
-    at the branch point, and the least recently used cache makes room.
+    at the branch point, and the least recently used cache makes room. With `max_bytes`,
+    least recently used caches are also dropped after each commit until the rest fit.
     """
 
-    def __init__(self, model: Model, size: int = 4):
+    def __init__(self, model: Model, size: int = 4, max_bytes: Optional[int] = None):
         if size < 1:
             raise ValueError(f"The prompt cache pool needs at least one cache, got {size}")
-        self.model, self.size = model, size
+        if max_bytes is not None and max_bytes < 1:
+            raise ValueError(f"The prompt cache pool's byte bound must be >= 1, got {max_bytes}")
+        self.model, self.size, self.max_bytes = model, size, max_bytes
         self.caches: List[PromptCache] = []  # least recently used first
 
     def __len__(self) -> int:
@@ -122,6 +130,18 @@ class PromptCachePool:
         except BaseException:
             self.discard(pc)
             raise
+        self.fit()
+
+    @property
+    def nbytes(self) -> int:
+        return sum(pc.nbytes for pc in self.caches)
+
+    def fit(self) -> None:
+        """Drop least recently used caches (the newest last of all) until the pool is within `max_bytes`."""
+        if self.max_bytes is None:
+            return
+        while self.caches and self.nbytes > self.max_bytes:
+            self.caches.pop(0)
 
     def discard(self, pc: PromptCache) -> None:
         """Drop `pc`, e.g. after a generation over it failed; later prompts start afresh."""

@@ -150,3 +150,21 @@ def test_float32_dtype_dequantizes_to_the_same_values(smollm, smollm_float32):
     tokens = mx.array([[1, 504, 3458, 282, 4649, 314]])
     quantized, dequantized = np.array(model(tokens)), np.array(model32(tokens))
     assert np.abs(quantized - dequantized).max() < 1e-5 * np.abs(quantized).max()
+
+
+def test_a_chat_template_replaces_the_files(monkeypatch):
+    """`server --chat-template` on a GGUF file: the template reaches its tokenizer, no warning."""
+    import warnings
+
+    from orthrus_mlx import loader
+
+    monkeypatch.setattr(loader.gguf, "load_into", lambda *args: None)  # the tokenizer alone is under test
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "a plain model, AR mode": said elsewhere
+        _, _, make_tokenizer = loader.load_gguf(GGUF, False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tokenizer = make_tokenizer({"chat_template": "{% for m in messages %}[{{ m.content }}]{% endfor %}"})
+    assert tokenizer.apply_chat_template(QUESTION, tokenize=False) == f"[{QUESTION[0]['content']}]"
+    with pytest.warns(UserWarning, match="tokenizer_config is ignored"):
+        make_tokenizer({"chat_template": "x", "model_max_length": 5})

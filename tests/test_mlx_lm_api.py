@@ -50,3 +50,17 @@ def test_llama_classes_and_loader_helpers_we_use():
     model = llama.Model(args)
     assert hasattr(model.model, "embed_tokens") and hasattr(model.model, "norm") and hasattr(model, "layers")
     assert MODEL_REMAPPING.get("mistral") == "llama"
+
+
+def test_server_pieces_we_reuse():
+    """The server's tool calls and reasoning: mlx-lm's text state machine, tool-call formatter
+    and the markers its TokenizerWrapper finds."""
+    from mlx_lm.generate import TextStateMachine, make_text_state_machine  # noqa: F401
+    from mlx_lm.server import ToolCallFormatter
+
+    for name in ("split", "flush", "make_state"):
+        assert hasattr(TextStateMachine, name), name
+    assert list(inspect.signature(ToolCallFormatter).parameters) == ["tool_parser", "tools", "streaming"]
+    for name in ("has_thinking", "rfind_think_start", "rfind_think_end", "response_initial_state", "tool_parser",
+                 "tool_call_start", "tool_call_end", "has_tool_calling"):
+        assert hasattr(TokenizerWrapper, name), name

@@ -178,10 +178,11 @@ def load_from_args(args: argparse.Namespace):
     return load(args.model or DEFAULT_MODEL, dtype=args.dtype, drafter=args.drafter)
 
 
-def chat_text(tokenizer, messages: List[Dict[str, Any]], template_args: Dict[str, Any]) -> str:
-    """The chat template's rendering of `messages`, ready for the assistant's answer."""
+def chat_text(tokenizer, messages: List[Dict[str, Any]], template_args: Dict[str, Any], **extra: Any) -> str:
+    """The chat template's rendering of `messages`, ready for the assistant's answer; `extra`:
+    variables the caller has checked itself (the server's `tools`, `tool_choice`)."""
     return tokenizer.apply_chat_template(
-        messages, tokenize=False, add_generation_prompt=True, **check_template_args(template_args)
+        messages, tokenize=False, add_generation_prompt=True, **check_template_args(template_args), **extra
     )
 
 

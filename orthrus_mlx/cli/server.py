@@ -1,21 +1,27 @@
 """`orthrus-mlx server`: OpenAI-compatible HTTP over one model, one request at a time.
 
-POST /v1/chat/completions and /v1/completions (SSE streaming or not), GET /v1/models
-and /health. Requests generate one at a time in arrival order, all on one model thread
-(see OnOneThread); a small pool of prompt caches keeps each conversation's prefix, so a
-request prefills only what is new.
+POST /v1/chat/completions and /v1/completions (SSE streaming or not), Anthropic's
+/v1/messages (anthropic.py), GET /v1/models and /health. Requests generate one at a time
+in arrival order, all on one model thread (see OnOneThread); a small pool of prompt caches
+keeps each conversation's prefix, so a request prefills only what is new. As in
+mlx_lm.server: `logprobs`/`top_logprobs` (the base model's), `tools` rendered by the chat
+template and calls parsed into `tool_calls`, thinking in a `reasoning` field
+(chat_output.py), CORS headers, and keep-alive comments while a streamed prompt prefills.
 
 What a client sends is bounded before any work: a body of at most MAX_BODY_BYTES, finite
 numbers, integers of at most 20 digits, only the chat template variables of
-`flags.TEMPLATE_VARIABLES` (never a template of its own, so rendering the model's template
-takes time linear in the body), a rendered prompt of at most MAX_PROMPT_CHARS characters
-and a token count that fits the context. A generation that fails drops the prompt cache it
-used, so no failure reaches a later request.
+`flags.TEMPLATE_VARIABLES` plus checked `tools`/`tool_choice` (never a template of its
+own, so rendering the model's template takes time linear in the body), a rendered prompt
+of at most MAX_PROMPT_CHARS characters and a token count that fits the context. A
+generation that fails drops the prompt cache it used, so no failure reaches a later
+request.
 """
 
 import argparse
 import json
 import logging
+import math
+import queue
 import socket
 import sys
 import threading
@@ -23,15 +29,22 @@ import time
 import traceback
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Tuple
+
+import mlx.core as mx
 
 from ..core.sampling import SamplingParams
 from ..core.step import DecodeStats, check_context
 from ..generate import add_special_tokens, stream_generate
-from ..loader import DEFAULT_MODEL
+from ..loader import DEFAULT_MODEL, load
 from ..prompt_cache import PromptCachePool
+from . import anthropic
+from .chat_output import ChatOutput
+from .errors import RequestError
 from .flags import (
     add_chat_template_arguments,
     add_model_arguments,
@@ -56,16 +69,11 @@ MAX_PROMPT_CHARS = 2 * MAX_BODY_BYTES
 # digit string is slow, then a ValueError.
 MAX_INT_DIGITS = 20
 LISTEN_BACKLOG = 128  # connections the kernel holds while we accept; bursts of clients get no resets
+MAX_TOP_LOGPROBS = 20  # OpenAI's bound
+KEEPALIVE_POLL_S = 1.0  # how often a streaming handler waiting on the model looks for prefill progress
+MESSAGES_PATHS = ("/v1/messages", "/v1/messages/count_tokens")  # Anthropic's
 DISCONNECTS = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError, TimeoutError)
 log = logging.getLogger("orthrus_mlx.server")
-
-
-class RequestError(ValueError):
-    """A request the server refuses, with its HTTP status and the offending field."""
-
-    def __init__(self, message: str, status: int = 400, param: Optional[str] = None):
-        super().__init__(message)
-        self.status, self.param = status, param
 
 
 class FifoLock:
@@ -93,16 +101,29 @@ class OnOneThread:
     MLX gives each thread a stream of its own, evaluates a graph only on the stream that
     built it, and keeps a finished thread's stream (about 100 KB each, MLX 0.32): so the
     model runs on one long-lived thread, never on a connection's.
+
+    `on_wait`, if given, runs on the caller's thread while a step is computing (every
+    KEEPALIVE_POLL_S) and once after it: a streaming answer's keep-alive comments.
     """
 
-    def __init__(self, executor: ThreadPoolExecutor, iterator: Iterator):
-        self.executor, self.iterator = executor, iterator
+    def __init__(self, executor: ThreadPoolExecutor, iterator: Iterator, on_wait: Optional[Callable[[], None]] = None):
+        self.executor, self.iterator, self.on_wait = executor, iterator, on_wait
 
     def __iter__(self) -> "OnOneThread":
         return self
 
     def __next__(self):
-        return self.executor.submit(next, self.iterator).result()
+        future = self.executor.submit(next, self.iterator)
+        if self.on_wait is None:
+            return future.result()
+        while True:
+            try:
+                value = future.result(timeout=KEEPALIVE_POLL_S)
+            except FutureTimeout:
+                self.on_wait()
+                continue
+            self.on_wait()
+            return value
 
     def close(self) -> None:
         self.executor.submit(self.iterator.close).result()
@@ -114,13 +135,15 @@ class StopStrings:
     def __init__(self, stops: List[str]):
         self.stops = [s for s in stops if s]
         self.pending = ""
+        self.matched: Optional[str] = None  # the stop string reached
 
     def feed(self, text: str) -> Tuple[str, bool]:
         """(text safe to emit, whether a stop string was reached)."""
         self.pending += text
-        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
+        hits = [(i, s) for s, i in ((s, self.pending.find(s)) for s in self.stops) if i >= 0]
         if hits:
-            out, self.pending = self.pending[: min(hits)], ""
+            cut, self.matched = min(hits)
+            out, self.pending = self.pending[:cut], ""
             return out, True
         hold = 0
         for s in self.stops:
@@ -199,6 +222,9 @@ class Request:
     stream: bool = False
     include_usage: bool = False
     stop: List[str] = field(default_factory=list)
+    logprobs: bool = False
+    top_logprobs: int = 0
+    tools: Optional[List[Dict[str, Any]]] = None
 
 
 def parse_options(body: Dict[str, Any], defaults: argparse.Namespace) -> Dict[str, Any]:
@@ -245,7 +271,7 @@ def message_text(content: Any, index: int) -> str:
     )
 
 
-def parse_messages(body: Dict[str, Any]) -> List[Dict[str, str]]:
+def parse_messages(body: Dict[str, Any]) -> List[Dict[str, Any]]:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise RequestError("'messages' must be a non-empty list", param="messages")
@@ -253,11 +279,124 @@ def parse_messages(body: Dict[str, Any]) -> List[Dict[str, str]]:
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str):
             raise RequestError(f"messages[{i}] must be an object with a string 'role'", param="messages")
-        out.append({"role": m["role"], "content": message_text(m.get("content"), i)})
+        message = {"role": m["role"], "content": message_text(m.get("content"), i)}
+        for name in ("tool_call_id", "name"):  # a tool's answer names its call
+            if m.get(name) is not None:
+                if not isinstance(m[name], str):
+                    raise RequestError(f"messages[{i}].{name} must be a string", param="messages")
+                message[name] = m[name]
+        if m.get("tool_calls") is not None:
+            message["tool_calls"] = message_tool_calls(m["tool_calls"], i)
+        out.append(message)
     return out
 
 
+def message_tool_calls(calls: Any, index: int) -> List[Dict[str, Any]]:
+    """An assistant message's earlier calls, their JSON `arguments` strings decoded into
+    objects, as chat templates (and mlx_lm.server) expect them."""
+    where = f"messages[{index}].tool_calls"
+    if not isinstance(calls, list):
+        raise RequestError(f"{where} must be a list", param="messages")
+    out = []
+    for call in calls:
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise RequestError(f"{where} entries must be objects with a 'function' naming a 'name'", param="messages")
+        arguments = function.get("arguments", {})
+        if isinstance(arguments, str):
+            try:
+                arguments = parse_json(arguments.encode("utf-8") or b"{}")
+            except (RequestError, UnicodeEncodeError):
+                raise RequestError(f"{where}: 'arguments' must be a JSON object", param="messages")
+        if not isinstance(arguments, dict):
+            raise RequestError(f"{where}: 'arguments' must be a JSON object", param="messages")
+        out.append(dict(call, function=dict(function, arguments=arguments)))
+    return out
+
+
+TOOL_CHOICES = ("none", "auto", "required")
+
+
+def parse_tools(body: Dict[str, Any]) -> Tuple[Optional[List[Dict[str, Any]]], Any]:
+    """`tools` (OpenAI function tools) and `tool_choice`, checked, for the chat template."""
+    tools = body.get("tools")
+    if tools is not None:
+        if not isinstance(tools, list) or not all(
+            isinstance(t, dict) and t.get("type", "function") == "function"
+            and isinstance(t.get("function"), dict) and isinstance(t["function"].get("name"), str)
+            and isinstance(t["function"].get("parameters", {}), dict)
+            for t in tools
+        ):
+            raise RequestError(
+                "'tools' must be a list of {\"type\": \"function\", \"function\": {\"name\": ..., "
+                "\"parameters\": {...}}} objects",
+                param="tools",
+            )
+    choice = body.get("tool_choice")
+    named = (
+        isinstance(choice, dict) and choice.get("type", "function") == "function"
+        and isinstance(choice.get("function"), dict) and isinstance(choice["function"].get("name"), str)
+    )
+    if choice is not None and choice not in TOOL_CHOICES and not named:
+        raise RequestError(
+            "'tool_choice' must be \"none\", \"auto\", \"required\" or "
+            "{\"type\": \"function\", \"function\": {\"name\": ...}}",
+            param="tool_choice",
+        )
+    return tools or None, choice
+
+
+def parse_logprobs(body: Dict[str, Any], chat: bool) -> Tuple[bool, int]:
+    """(whether to return log-probabilities, how many top alternatives per token).
+
+    Chat takes `logprobs` true/false and `top_logprobs`; /v1/completions also takes
+    OpenAI's older integer `logprobs` (that many alternatives). -1 means none, as in mlx-lm.
+    """
+    top = _field(body, "top_logprobs", (int,), 0, lambda v: -1 <= v <= MAX_TOP_LOGPROBS,
+                 f"in [0, {MAX_TOP_LOGPROBS}]")
+    wanted = body.get("logprobs")
+    if not chat and isinstance(wanted, int) and not isinstance(wanted, bool):
+        wanted = _field(body, "logprobs", (int,), 0, lambda v: 0 <= v <= MAX_TOP_LOGPROBS,
+                        f"true, false or in [0, {MAX_TOP_LOGPROBS}]")
+        return True, max(top, wanted)
+    wanted = _field(body, "logprobs", (bool,), False)
+    top = max(top, 0)
+    return wanted or top > 0, top
+
+
 # ---- the model side ---------------------------------------------------------------
+
+
+class Piece(NamedTuple):
+    """A stretch of the answer: its text, the finish reason on the last one, and the
+    log-probability entries of the tokens generated since the previous piece."""
+
+    text: str
+    finish: Optional[str] = None
+    logprobs: List[Dict[str, Any]] = []
+    stop: Optional[str] = None  # the stop string that ended the answer
+
+
+def finite(value: float) -> float:
+    return value if math.isfinite(value) else -9999.0  # OpenAI's floor; JSON has no -inf
+
+
+def logprob_entry(tokenizer, token: int, row: mx.array, top: int) -> Dict[str, Any]:
+    """One token's entry in mlx_lm.server's shape (id, token, logprob), with its `top`
+    alternatives, most likely first. Reads `row` (the base model's log-softmax)."""
+    entry = {"id": token, "token": tokenizer.convert_ids_to_tokens(token), "logprob": finite(row[token].item())}
+    top = min(top, row.size)
+    entry["top_logprobs"] = []  # always there, as OpenAI's clients expect
+    if top > 0:
+        ids = mx.argpartition(-row, kth=top - 1)[:top]
+        values = row[ids]
+        order = mx.argsort(-values)
+        ids, values = ids[order].tolist(), values[order].tolist()
+        names = tokenizer.convert_ids_to_tokens(ids)
+        entry["top_logprobs"] = [
+            {"id": i, "token": n, "logprob": finite(v)} for i, n, v in zip(ids, names, values)
+        ]
+    return entry
 
 
 class App:
@@ -270,7 +409,9 @@ class App:
         self.defaults = defaults
         self.template = template or {}
         self.context = model.args.max_position_embeddings
-        self.caches = PromptCachePool(model, getattr(defaults, "prompt_cache_size", 4))
+        self.caches = PromptCachePool(
+            model, getattr(defaults, "prompt_cache_size", 4), getattr(defaults, "prompt_cache_bytes", None)
+        )
         self.lock = FifoLock()
         self.model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="orthrus-mlx")
         self.created = int(time.time())
@@ -301,20 +442,20 @@ class App:
 
     def request(self, path: str, body: Dict[str, Any]) -> Request:
         opts = parse_options(body, self.defaults)
-        if path.endswith("chat/completions"):
+        chat = path.endswith("chat/completions")
+        logprobs, top_logprobs = parse_logprobs(body, chat)
+        tools = None
+        if chat:
             variables = _field(body, "chat_template_kwargs", (dict,), {})
             try:
                 template = dict(self.template, **check_template_args(variables))
             except ValueError as e:
                 raise RequestError(str(e), param="chat_template_kwargs")
             messages = parse_messages(body)
+            tools, tool_choice = parse_tools(body)
             if self.defaults.system_prompt is not None and messages[0]["role"] != "system":
                 messages = with_system(self.defaults.system_prompt, messages)
-            try:
-                text = chat_text(self.tokenizer, messages, template)
-            except Exception as e:  # the template's own complaint (unknown role, ...)
-                raise RequestError(f"The chat template failed: {e}", param="messages")
-            prompt = self.encode(text, add_special_tokens=False)
+            prompt = self.encode(self.render(messages, template, tools, tool_choice), add_special_tokens=False)
         else:
             if "prompt" not in body:
                 raise RequestError("'prompt' is required", param="prompt")
@@ -333,21 +474,40 @@ class App:
             sampling = SamplingParams(opts["temperature"], opts["top_p"], opts["top_k"], opts["seed"])
         except ValueError as e:
             raise RequestError(str(e))
-        return Request(prompt, max_tokens, sampling, opts["stream"], opts["include_usage"], opts["stop"])
+        return Request(
+            prompt, max_tokens, sampling, opts["stream"], opts["include_usage"], opts["stop"],
+            logprobs, top_logprobs, tools,
+        )
 
-    def generate(self, req: Request, usage: Dict[str, Any]) -> OnOneThread:
-        """(text, finish_reason) pieces, computed on the model's thread; call under `self.lock`
-        and close when done. Fills `usage` as it goes."""
-        return OnOneThread(self.model_thread, self._generate(req, usage))
+    def render(self, messages: List[Dict[str, Any]], template: Dict[str, Any], tools=None, tool_choice=None) -> str:
+        """The chat template's text for `messages`; `tools` and `tool_choice` reach it as
+        template variables (as in mlx_lm.server), only when the request has them."""
+        extra = {k: v for k, v in (("tools", tools), ("tool_choice", tool_choice)) if v is not None}
+        try:
+            return chat_text(self.tokenizer, messages, template, **extra)
+        except Exception as e:  # the template's own complaint (unknown role, ...)
+            raise RequestError(f"The chat template failed: {e}", param="messages")
 
-    def _generate(self, req: Request, usage: Dict[str, Any]) -> Iterator[Tuple[str, Optional[str]]]:
+    def generate(
+        self,
+        req: Request,
+        usage: Dict[str, Any],
+        progress: Optional[Callable[[int, int], None]] = None,
+        on_wait: Optional[Callable[[], None]] = None,
+    ) -> OnOneThread:
+        """`Piece`s, computed on the model's thread; call under `self.lock` and close when
+        done. Fills `usage` as it goes. `progress(done, total)` is called, on the model's
+        thread, as the prompt prefills; `on_wait` on the caller's while it waits."""
+        return OnOneThread(self.model_thread, self._generate(req, usage, progress), on_wait)
+
+    def _generate(self, req: Request, usage: Dict[str, Any], progress=None) -> Iterator[Piece]:
         """A generation that ends, or stops because the caller closed this iterator, records
         what its prompt cache holds; one that raises drops the cache, which may hold a
         half-built graph or a torn write, and no later request can use it."""
         cache = self.caches.take(req.prompt)
         emitted: List[int] = []
         try:
-            yield from self._pieces(req, usage, cache, emitted)
+            yield from self._pieces(req, usage, cache, emitted, progress)
         except GeneratorExit:  # the caller stopped reading (a disconnect): keep what was made
             self.caches.commit(cache, req.prompt, emitted)
             raise
@@ -357,8 +517,8 @@ class App:
         self.caches.commit(cache, req.prompt, emitted)
 
     def _pieces(
-        self, req: Request, usage: Dict[str, Any], cache, emitted: List[int]
-    ) -> Iterator[Tuple[str, Optional[str]]]:
+        self, req: Request, usage: Dict[str, Any], cache, emitted: List[int], progress=None
+    ) -> Iterator[Piece]:
         new = cache.prepare(req.prompt)
         usage.update(
             prompt_tokens=len(req.prompt),
@@ -384,21 +544,27 @@ class App:
             max_tokens=req.max_tokens,
             prompt_cache=cache.cache,
             stats=stats,
+            logprobs=req.logprobs,
+            prompt_progress_callback=progress,
             **options,
         )
+        logprobs: List[Dict[str, Any]] = []  # entries of tokens whose text has not gone out yet
         try:
             for r in responses:
                 emitted.append(r.token)
                 usage["completion_tokens"] = len(emitted)
+                if req.logprobs:
+                    logprobs.append(logprob_entry(self.tokenizer, r.token, r.logprobs, req.top_logprobs))
                 text, stopped = stops.feed(r.text)
                 if stopped:
-                    yield text, "stop"
+                    yield Piece(text, "stop", logprobs, stops.matched)
                     return
                 if r.finish_reason is not None:
-                    yield text + stops.flush(), r.finish_reason
+                    yield Piece(text + stops.flush(), r.finish_reason, logprobs)
                     return
                 if text:
-                    yield text, None
+                    yield Piece(text, None, logprobs)
+                    logprobs = []
         finally:
             responses.close()
             usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
@@ -409,6 +575,20 @@ class App:
 
 
 # ---- HTTP -------------------------------------------------------------------------
+
+
+def message_fields(delta, whole: bool = False) -> Dict[str, Any]:
+    """A chat Delta as an OpenAI message (`whole`) or streamed delta, mlx_lm.server's field names."""
+    out: Dict[str, Any] = {"role": "assistant"} if whole else {}
+    if whole:
+        out["content"] = None if delta.tool_calls and not delta.content else delta.content
+    elif delta.content:
+        out["content"] = delta.content
+    if delta.reasoning:
+        out["reasoning"] = delta.reasoning
+    if delta.tool_calls:
+        out["tool_calls"] = delta.tool_calls
+    return out
 
 
 def printable(text: str) -> str:
@@ -446,6 +626,27 @@ class Handler(BaseHTTPRequestHandler):
         self.headers_sent = True
         super().send_response(code, message)
 
+    def end_headers(self) -> None:
+        """Every answer carries CORS headers, as mlx_lm.server's do: a browser page from an
+        allowed origin (`--allowed-origins`, default any) may read it."""
+        allowed = getattr(self.app.defaults, "allowed_origins", None) or ["*"]
+        headers = getattr(self, "headers", None)  # none when the request line did not parse
+        origin = headers.get("Origin") if headers is not None else None
+        if "*" in allowed:
+            self.send_header("Access-Control-Allow-Origin", "*")
+        elif origin is not None and origin in allowed:
+            self.send_header("Access-Control-Allow-Origin", origin)
+            self.send_header("Vary", "Origin")
+        self.send_header("Access-Control-Allow-Methods", "*")
+        self.send_header("Access-Control-Allow-Headers", "*")
+        super().end_headers()
+
+    def do_OPTIONS(self) -> None:
+        """A browser's CORS preflight: no body, the CORS headers."""
+        self.send_response(204)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
     def send_json(self, status: int, payload: Dict[str, Any]) -> None:
         data = json.dumps(payload).encode()
         self.send_response(status)
@@ -454,7 +655,16 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
+    anthropic = False  # whether this request came to the Anthropic endpoint: errors in its shape
+
+    def parse_request(self) -> bool:
+        self.anthropic = False  # a kept-alive connection's next request starts afresh
+        return super().parse_request()
+
     def send_error_json(self, status: int, message: str, param: Optional[str] = None) -> None:
+        if self.anthropic:
+            self.send_json(status, anthropic.error_body(status, message))
+            return
         kind = "invalid_request_error" if status < 500 else "server_error"
         self.send_json(
             status, {"error": {"message": message, "type": kind, "param": param, "code": None}}
@@ -464,7 +674,8 @@ class Handler(BaseHTTPRequestHandler):
         path = self.path.split("?")[0].rstrip("/")
         if path == "/health":
             caches = self.app.caches.caches
-            self.send_json(200, {"status": "ok", "prompt_caches": [len(c) for c in caches]})
+            self.send_json(200, {"status": "ok", "prompt_caches": [len(c) for c in caches],
+                                 "prompt_cache_bytes": self.app.caches.nbytes})
         elif path == "/v1/models":
             model = {"id": self.app.model_id, "object": "model", "created": self.app.created,
                      "owned_by": "orthrus-mlx"}
@@ -474,12 +685,18 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         path = self.path.split("?")[0].rstrip("/")
-        if path not in ("/v1/chat/completions", "/v1/completions", "/chat/completions"):
+        self.anthropic = path in MESSAGES_PATHS
+        if path not in ("/v1/chat/completions", "/v1/completions", "/chat/completions") + MESSAGES_PATHS:
             self.send_error_json(404, f"No route for POST {self.path}")
             return
         try:
             body = self.read_body()
-            req = self.app.request(path, body)
+            if self.anthropic:
+                body = anthropic.chat_body(dict(body, max_tokens=1) if path.endswith("count_tokens") else body)
+            req = self.app.request("/v1/chat/completions" if self.anthropic else path, body)
+            if path.endswith("count_tokens"):
+                self.send_json(200, {"input_tokens": len(req.prompt)})
+                return
         except RequestError as e:
             self.send_error_json(e.status, str(e), e.param)
             return
@@ -494,7 +711,9 @@ class Handler(BaseHTTPRequestHandler):
         chat = path.endswith("chat/completions")
         with self.app.lock:
             try:
-                if req.stream:
+                if self.anthropic:
+                    (self.stream_message if req.stream else self.whole_message)(req)
+                elif req.stream:
                     self.stream_response(req, chat)
                 else:
                     self.whole_response(req, chat)
@@ -548,16 +767,22 @@ class Handler(BaseHTTPRequestHandler):
     def whole_response(self, req: Request, chat: bool) -> None:
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         usage: Dict[str, Any] = {}
-        text, finish = "", None
+        text, finish, logprobs = "", None, []
         pieces = self.app.generate(req, usage)
         try:
-            for piece, finish in pieces:
-                text += piece
+            for piece in pieces:
+                text += piece.text
+                finish = piece.finish
+                logprobs += piece.logprobs
         finally:
             pieces.close()
-        choice: Dict[str, Any] = {"index": 0, "finish_reason": finish, "logprobs": None}
+        choice: Dict[str, Any] = {
+            "index": 0, "finish_reason": finish, "logprobs": {"content": logprobs} if req.logprobs else None,
+        }
         if chat:
-            choice["message"] = {"role": "assistant", "content": text}
+            output = ChatOutput(self.app.tokenizer, req.prompt, req.tools)
+            choice["message"] = message_fields(output.feed(text, final=True), whole=True)
+            choice["finish_reason"] = output.finish_reason(finish)
         else:
             choice["text"] = text
         self.log_generation(usage, finish)
@@ -569,30 +794,43 @@ class Handler(BaseHTTPRequestHandler):
     def stream_response(self, req: Request, chat: bool) -> None:
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         head = self.envelope(rid, chat, True)
+        pending: List[Dict[str, Any]] = []  # logprob entries not sent yet
 
-        def chunk(text: Optional[str], finish: Optional[str], first: bool = False) -> Dict[str, Any]:
+        def chunk(part: Any, finish: Optional[str], first: bool = False) -> Dict[str, Any]:
+            """`part`: a chat Delta (or None), or completion text."""
+            logprobs = {"content": pending[:]} if req.logprobs else None
+            pending.clear()
             if chat:
-                delta = {} if text is None else {"content": text}
+                delta = message_fields(part) if part is not None else {}
                 if first:
-                    delta["role"] = "assistant"
-                choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
+                    delta.update(role="assistant", content="")
+                choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": logprobs}
             else:
-                choice = {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}
+                choice = {"index": 0, "text": part or "", "finish_reason": finish, "logprobs": logprobs}
             return dict(head, choices=[choice])
 
         usage: Dict[str, Any] = {}
         finish = None
-        pieces = self.app.generate(req, usage)
+        output = ChatOutput(self.app.tokenizer, req.prompt, req.tools, streaming=True) if chat else None
+        pieces = self.streamed_pieces(req, usage)
         try:
             self.send_response(200)
             self.send_header("Content-Type", "text/event-stream")
             self.send_header("Cache-Control", "no-cache")
             self.end_headers()
             if chat:
-                self.send_event(chunk("", None, first=True))
-            for text, finish in pieces:
-                if text:
-                    self.send_event(chunk(text, None))
+                self.send_event(chunk(None, None, first=True))
+            for piece in pieces:
+                finish = piece.finish
+                pending += piece.logprobs
+                part = output.feed(piece.text) if chat else piece.text
+                if part:
+                    self.send_event(chunk(part, None))
+            if chat:
+                part = output.feed("", final=True)
+                if part:
+                    self.send_event(chunk(part, None))
+                finish = output.finish_reason(finish)
             self.send_event(chunk(None, finish))
             if req.include_usage:
                 self.send_event(dict(head, choices=[], usage=usage))
@@ -604,6 +842,77 @@ class Handler(BaseHTTPRequestHandler):
                      usage.get("completion_tokens", 0))
         finally:
             pieces.close()  # stops generation and records the cache
+        self.log_generation(usage, finish)
+
+    def streamed_pieces(self, req: Request, usage: Dict[str, Any]) -> OnOneThread:
+        """`App.generate` for a streamed answer: mlx_lm.server's habit of an SSE comment per
+        prefill chunk, so that proxies and clients waiting through a long prompt see it live."""
+        progress: "queue.SimpleQueue[Tuple[int, int]]" = queue.SimpleQueue()
+
+        def keepalive() -> None:
+            while not progress.empty():
+                done, total = progress.get()
+                self.wfile.write(f": keepalive {done}/{total}\n\n".encode())
+                self.wfile.flush()
+
+        return self.app.generate(req, usage, lambda done, total: progress.put((done, total)), keepalive)
+
+    def whole_message(self, req: Request) -> None:
+        """An Anthropic message: the answer's parts as content blocks."""
+        usage: Dict[str, Any] = {}
+        text, finish, stop = "", None, None
+        pieces = self.app.generate(req, usage)
+        try:
+            for piece in pieces:
+                text += piece.text
+                finish, stop = piece.finish, piece.stop
+        finally:
+            pieces.close()
+        output = ChatOutput(self.app.tokenizer, req.prompt, req.tools)
+        blocks = anthropic.content_blocks(output.feed(text, final=True).parts)
+        reason = anthropic.stop_reason(finish, stop, output.made_tool_call)
+        self.log_generation(usage, finish)
+        rid = f"msg_{uuid.uuid4().hex}"
+        try:
+            self.send_json(200, anthropic.message(rid, self.app.model_id, blocks, reason, stop, usage))
+        except DISCONNECTS:
+            log.info("client disconnected before the answer was sent")
+
+    def stream_message(self, req: Request) -> None:
+        """An Anthropic message as its stream of events (named SSE events, as Anthropic sends)."""
+
+        def send(name: str, payload: Dict[str, Any]) -> None:
+            self.wfile.write(f"event: {name}\ndata: {json.dumps(payload)}\n\n".encode())
+            self.wfile.flush()
+
+        usage: Dict[str, Any] = {"prompt_tokens": len(req.prompt)}
+        finish, stop = None, None
+        output = ChatOutput(self.app.tokenizer, req.prompt, req.tools, streaming=True)
+        events = anthropic.Events(send)
+        pieces = self.streamed_pieces(req, usage)
+        try:
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Cache-Control", "no-cache")
+            self.end_headers()
+            rid = f"msg_{uuid.uuid4().hex}"
+            send("message_start", {"type": "message_start",
+                                   "message": anthropic.message(rid, self.app.model_id, [], None, None, usage)})
+            for piece in pieces:
+                finish, stop = piece.finish, piece.stop
+                events.feed(output.feed(piece.text).parts)
+            events.feed(output.feed("", final=True).parts)
+            events.close()
+            reason = anthropic.stop_reason(finish, stop, output.made_tool_call)
+            send("message_delta", {"type": "message_delta", "delta": {"stop_reason": reason, "stop_sequence": stop},
+                                   "usage": anthropic.message_usage(usage)})
+            send("message_stop", {"type": "message_stop"})
+        except DISCONNECTS:
+            self.close_connection = True
+            log.info("client disconnected mid-stream after %d tokens; generation stopped",
+                     usage.get("completion_tokens", 0))
+        finally:
+            pieces.close()
         self.log_generation(usage, finish)
 
     def send_event(self, payload: Dict[str, Any]) -> None:
@@ -638,11 +947,88 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="How many conversations' KV caches to keep at once (default: 4)",
     )
     parser.add_argument(
+        "--prompt-cache-bytes",
+        type=byte_size,
+        default=None,
+        help="Most bytes the kept KV caches may hold together, e.g. 8GB or 500M (default: no bound "
+        "beyond --prompt-cache-size)",
+    )
+    parser.add_argument(
+        "--allowed-origins",
+        type=lambda value: [o.strip() for o in value.split(",") if o.strip()],
+        default=["*"],
+        help="Comma-separated origins whose browser pages may read the answers (CORS), or * (default: *)",
+    )
+    parser.add_argument(
+        "--chat-template",
+        default=None,
+        help="A chat template (Jinja) to use instead of the tokenizer's: the template itself, or a file "
+        "holding it",
+    )
+    parser.add_argument(
         "--log-level",
         default="INFO",
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
         help="Logging level (default: INFO)",
     )
+
+
+SIZE_UNITS = {"": 1, "K": 10**3, "KB": 10**3, "M": 10**6, "MB": 10**6, "G": 10**9, "GB": 10**9, "T": 10**12,
+              "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def byte_size(value: str) -> int:
+    """A size such as 8GB, 500M, 1.5GiB or 1000000 (mlx-lm's units, plus binary ones)."""
+    text = value.strip().upper()
+    digits = len(text) - len(text.lstrip("0123456789."))
+    number, unit = text[:digits], text[digits:].strip()
+    try:
+        size = int(float(number) * SIZE_UNITS[unit])
+        if size < 1:
+            raise ValueError
+    except (ValueError, KeyError, OverflowError):
+        raise argparse.ArgumentTypeError(f"expected a size such as 8GB, 500M or 1000000 bytes, got {value!r}")
+    return size
+
+
+def read_chat_template(value: Optional[str]) -> Optional[str]:
+    """`--chat-template`: a file's text when `value` names a file, else `value` itself, which
+    must then look like a template (a mistyped file name is an error, not a template)."""
+    if value is None:
+        return None
+    path = Path(value).expanduser()
+    try:
+        is_file = path.is_file()
+    except (OSError, ValueError):  # a template is no file name: too long, a NUL...
+        is_file = False
+    if is_file:
+        try:
+            return path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"--chat-template: cannot read {value}: {e}")
+    if "{{" not in value and "{%" not in value:
+        raise ValueError(f"--chat-template: {value!r} is neither a file nor a Jinja template")
+    return value
+
+
+def load_for_server(args: argparse.Namespace, chat_template: Optional[str]):
+    """The model and tokenizer; a `chat_template` replaces the tokenizer's before mlx-lm picks
+    the tool parser from it (as `mlx_lm.server --chat-template` does)."""
+    if chat_template is None:
+        return load_from_args(args)
+    return load(
+        args.model or DEFAULT_MODEL, dtype=args.dtype, drafter=args.drafter,
+        tokenizer_config={"chat_template": chat_template},
+    )
+
+
+def check_chat_template(tokenizer, template: Dict[str, Any]) -> None:
+    """Render a one-message chat once at start, so that a broken template is one line now,
+    not a 400 on every request."""
+    try:
+        chat_text(tokenizer, [{"role": "user", "content": "hi"}], template)
+    except Exception as e:
+        raise ValueError(f"The chat template failed on a one-message chat: {' '.join(str(e).split())}") from e
 
 
 def make_server(app: App, host: str, port: int) -> ThreadingHTTPServer:
@@ -672,7 +1058,10 @@ def run(args: argparse.Namespace) -> int:
     if args.prompt_cache_size < 1:
         raise ValueError(f"--prompt-cache-size must be >= 1, got {args.prompt_cache_size}")
     template = template_kwargs(args)
-    model, tokenizer = load_from_args(args)
+    chat_template = read_chat_template(args.chat_template)
+    model, tokenizer = load_for_server(args, chat_template)
+    if chat_template is not None:
+        check_chat_template(tokenizer, template)
     model_id = args.model or DEFAULT_MODEL.name
     app = App(model, tokenizer, model_id, args, template, command_policy(model, args))
     httpd = make_server(app, args.host, args.port)

@@ -24,11 +24,14 @@ class Scores:
              sampling: a candidate bonus token per index: drawn from
              normalize(max(p_i - q_i, 0)) for i < L-1, from p_{L-1} for the last.
     ratio:   sampling only: p_i(d[i+1]) / q_i(d[i+1]) for i < L-1.
+    logprobs: only from a backend asked for them: the verify pass's log-softmax rows
+             [L, vocab] (a device array), row i scoring the token after position i.
     """
 
     draft: List[int]
     target: List[int]
     ratio: Optional[List[float]] = None
+    logprobs: Any = None
 
 
 class Backend(Protocol):
@@ -56,12 +59,15 @@ class Backend(Protocol):
 class Step:
     """What one decoding step emitted: `tokens`, of which the first `accepted` are drafts
     (d1..dm) and the last is the verify pass's own (the bonus), unless EOS or max_tokens
-    cut the step short. `drafted` is how many drafts it verified (0 for prefill and AR)."""
+    cut the step short. `drafted` is how many drafts it verified (0 for prefill and AR).
+    `logprobs`, from a backend asked for them: per token, the base model's log-softmax row
+    it was scored with (the prefill's or the verify pass's), whatever drafted it."""
 
     tokens: List[int]
     drafted: int = 0
     accepted: int = 0
     prompt_tokens: int = 0  # what the step prefilled: the prompt, on the first step only
+    logprobs: Optional[List[Any]] = None
 
 
 @dataclass
@@ -178,7 +184,8 @@ def decode(
     rng = random.Random(params.seed)
 
     token = backend.prefill(prompt, params)
-    yield Step([token], prompt_tokens=len(prompt))
+    first = getattr(backend, "prefill_logprobs", None)  # set by a backend asked for logprobs
+    yield Step([token], prompt_tokens=len(prompt), logprobs=None if first is None else [first])
     emitted = 1
     while token not in eos and emitted < max_tokens:
         tic = time.perf_counter()  # the step itself, not what the consumer does with it
@@ -194,7 +201,8 @@ def decode(
         new = new[: min(cut, max_tokens - emitted)]
         emitted += len(new)
         token = new[-1]
-        yield Step(new, length - 1, min(m, len(new)))
+        rows = None if scores.logprobs is None else [scores.logprobs[i] for i in range(len(new))]
+        yield Step(new, length - 1, min(m, len(new)), logprobs=rows)
 
 
 def generate_steps(
