@@ -95,14 +95,16 @@ class PromptCachePool:
     A prompt takes the cache it extends; one that branches off a cache gets a fork
     at the branch point, and the least recently used cache makes room. With `max_bytes`,
     least recently used caches are also dropped after each commit until the rest fit.
+    With a `disk` tier (prompt_disk.DiskTier), a cache leaving memory is written there, and a
+    prompt that shares more with an entry on disk than with any cache in memory loads it back.
     """
 
-    def __init__(self, model: Model, size: int = 4, max_bytes: Optional[int] = None):
+    def __init__(self, model: Model, size: int = 4, max_bytes: Optional[int] = None, disk=None):
         if size < 1:
             raise ValueError(f"The prompt cache pool needs at least one cache, got {size}")
         if max_bytes is not None and max_bytes < 1:
             raise ValueError(f"The prompt cache pool's byte bound must be >= 1, got {max_bytes}")
-        self.model, self.size, self.max_bytes = model, size, max_bytes
+        self.model, self.size, self.max_bytes, self.disk = model, size, max_bytes, disk
         self.caches: List[PromptCache] = []  # least recently used first
 
     def __len__(self) -> int:
@@ -114,14 +116,38 @@ class PromptCachePool:
             n = common_prefix_length(pc.tokens, prompt)
             if n >= shared:
                 best, shared = pc, n
-        if best is not None and shared == len(best.tokens):
+        from_disk = self._from_disk(prompt, shared)
+        if from_disk is not None:
+            best = from_disk
+        elif best is not None and shared == len(best.tokens):
             self.caches.remove(best)
+            self.caches.append(best)
+            return best
         else:
             best = best.fork(shared) if best is not None else PromptCache(self.model)
-            if len(self.caches) >= self.size:
-                self.caches.pop(0)
+        if len(self.caches) >= self.size:
+            self._evict(self.caches[0])
         self.caches.append(best)
         return best
+
+    def _from_disk(self, prompt: Sequence[int], shared_in_memory: int) -> Optional[PromptCache]:
+        if self.disk is None:
+            return None
+        key, shared = self.disk.find(prompt)
+        if key is None or shared <= shared_in_memory:
+            return None
+        return self.disk.load(key)
+
+    def _evict(self, pc: PromptCache) -> None:
+        self.caches.remove(pc)
+        if self.disk is not None:
+            self.disk.save(pc)
+
+    def flush(self) -> None:
+        """Write every cache in memory to the disk tier (at shutdown)."""
+        if self.disk is not None:
+            for pc in self.caches:
+                self.disk.save(pc)
 
     def commit(self, pc: PromptCache, prompt: Sequence[int], emitted: Sequence[int]) -> None:
         """`pc.commit`, dropping `pc` if even that fails."""
@@ -141,7 +167,7 @@ class PromptCachePool:
         if self.max_bytes is None:
             return
         while self.caches and self.nbytes > self.max_bytes:
-            self.caches.pop(0)
+            self._evict(self.caches[0])
 
     def discard(self, pc: PromptCache) -> None:
         """Drop `pc`, e.g. after a generation over it failed; later prompts start afresh."""

@@ -22,6 +22,7 @@ import json
 import logging
 import math
 import queue
+import signal
 import socket
 import sys
 import threading
@@ -42,6 +43,7 @@ from ..core.step import DecodeStats, check_context
 from ..generate import add_special_tokens, stream_generate
 from ..loader import DEFAULT_MODEL, load
 from ..prompt_cache import PromptCachePool
+from ..prompt_disk import DiskTier
 from . import anthropic
 from .chat_output import ChatOutput
 from .errors import RequestError
@@ -68,6 +70,7 @@ MAX_PROMPT_CHARS = 2 * MAX_BODY_BYTES
 # < 2**64, 20 digits), an int beyond int64 is no MLX scalar, and Python's int() of a long
 # digit string is slow, then a ValueError.
 MAX_INT_DIGITS = 20
+DISK_BYTES = 10 * 10**9
 LISTEN_BACKLOG = 128  # connections the kernel holds while we accept; bursts of clients get no resets
 MAX_TOP_LOGPROBS = 20  # OpenAI's bound
 KEEPALIVE_POLL_S = 1.0  # how often a streaming handler waiting on the model looks for prefill progress
@@ -409,8 +412,12 @@ class App:
         self.defaults = defaults
         self.template = template or {}
         self.context = model.args.max_position_embeddings
+        disk_folder = getattr(defaults, "prompt_cache_dir", None)
+        disk = None
+        if disk_folder is not None:
+            disk = DiskTier(disk_folder, model, getattr(defaults, "prompt_cache_disk_bytes", DISK_BYTES))
         self.caches = PromptCachePool(
-            model, getattr(defaults, "prompt_cache_size", 4), getattr(defaults, "prompt_cache_bytes", None)
+            model, getattr(defaults, "prompt_cache_size", 4), getattr(defaults, "prompt_cache_bytes", None), disk
         )
         self.lock = FifoLock()
         self.model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="orthrus-mlx")
@@ -954,6 +961,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "beyond --prompt-cache-size)",
     )
     parser.add_argument(
+        "--prompt-cache-dir",
+        default=None,
+        help="Keep conversations' KV caches on disk in this folder too: one evicted from memory, or "
+        "from before a restart, resumes without prefilling again (default: memory only)",
+    )
+    parser.add_argument(
+        "--prompt-cache-disk-bytes",
+        type=byte_size,
+        default=DISK_BYTES,
+        help=f"Most bytes --prompt-cache-dir may hold (default: {DISK_BYTES // 10**9}GB)",
+    )
+    parser.add_argument(
         "--allowed-origins",
         type=lambda value: [o.strip() for o in value.split(",") if o.strip()],
         default=["*"],
@@ -1067,10 +1086,13 @@ def run(args: argparse.Namespace) -> int:
     httpd = make_server(app, args.host, args.port)
     host, port = httpd.server_address[:2]
     log.info("serving %s on http://%s:%d", model_id, host, port)
+    # A service manager's stop (SIGTERM) ends like Ctrl-C: the prompt caches reach the disk tier.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         httpd.serve_forever()
     except KeyboardInterrupt:
         pass
     finally:
         httpd.server_close()
+        app.model_thread.submit(app.caches.flush).result()
     return 0
