@@ -7,7 +7,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.sample_utils import apply_top_k, apply_top_p
 
-from . import passes
+from . import distributed, passes
 from .core.costs import CostStore, adaptive_policy, machine_key, source_hash
 from .core.policy import AdaptiveBlock
 from .core.sampling import SamplingParams
@@ -145,9 +145,10 @@ def cost_key(model: Model) -> str:
     layer = model.layers[0].self_attn
     model_code = sorted({c.__module__ for c in type(model).__mro__ if c.__module__.startswith(__package__)})
     code = source_hash(passes, MLXBackend, lay_out_for_cpu, *(sys.modules[m] for m in model_code))
+    group = distributed.model_group(model)
     return machine_key(
         "mlx", mx.__version__, str(mx.default_device()), code, repr(model.args),
-        str(layer.q_proj.weight.dtype), repr(sorted(quant)),
+        str(layer.q_proj.weight.dtype), repr(sorted(quant)), *([f"ranks={group.size()}"] if group else []),
     )
 
 
@@ -159,4 +160,7 @@ def adaptive_block(model: Model, store: Optional[CostStore] = None) -> AdaptiveB
     (acceptance, cost corrections): the commands keep one per process.
     """
     make_backend = lambda: MLXBackend(model, model.make_cache())
+    group = distributed.model_group(model)
+    if group is not None:  # every rank must take rank 0's decisions
+        return distributed.shared_adaptive_policy(cost_key(model), make_backend, model.block_size, store, group)
     return adaptive_policy(cost_key(model), make_backend, model.block_size, store)

@@ -1,12 +1,13 @@
 """The three generation layers over the MLX backend: token ids -> text stream -> string."""
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterable, Iterator, List, Optional, Sequence, Union
 
 import mlx.core as mx
 from mlx_lm.generate import GenerationResponse as MLXGenerationResponse
 
+from . import distributed
 from .backend import MLXBackend, adaptive_block
 from .core.policy import BlockPolicy
 from .core.sampling import SamplingParams
@@ -63,6 +64,9 @@ def mlx_generate_steps(
     `logprobs` each token's log-softmax row from the base model's own (prefill or verify) pass.
     `prompt_progress_callback(done, total)`: as mlx-lm's, at the prefill's start, chunks and end."""
     cache = prompt_cache if prompt_cache is not None else model.make_cache()
+    group = distributed.model_group(model)
+    if group is not None and not params.greedy:
+        params = replace(params, seed=distributed.shared_seed(params.seed, group))
     yield from generate_steps(
         model,
         lambda prompt, policy: MLXBackend(model, cache, params.seed, logprobs, prompt_progress_callback),

@@ -13,7 +13,7 @@ from mlx_lm.tokenizer_utils import BPEStreamingDetokenizer, TokenizerWrapper
 from mlx_lm.utils import dequantize_model, load_tokenizer
 from mlx_lm.utils import load_model as mlx_lm_load_model
 
-from . import gguf
+from . import distributed, gguf
 from .core.checkpoint import (
     check_against_config,
     check_finite,
@@ -174,8 +174,9 @@ def lay_out_for_cpu(model: Model) -> None:
     1.25-1.97x with MLX's bundled BLAS). `W` becomes a transposed view of a
     contiguous `W.T`, so the model and its parameters read exactly as before.
     """
+    matrices = (nn.Linear, nn.Embedding, nn.AllToShardedLinear, nn.ShardedToAllLinear)
     for module in model.modules():
-        if isinstance(module, (nn.Linear, nn.Embedding)) and module.weight.dtype == mx.float32:
+        if isinstance(module, matrices) and module.weight.dtype == mx.float32:
             module.weight = mx.contiguous(module.weight.T).T
 
 
@@ -185,8 +186,12 @@ def load_all(
     revision: Optional[str] = None,
     lazy: bool = False,
     drafter: Union[str, Path, None] = None,
+    group: Optional[distributed.Group] = None,
 ) -> Tuple[Model, Dict[str, Any], MakeTokenizer]:
-    """Model, config and a tokenizer maker: what `load` and `load_model` share."""
+    """Model, config and a tokenizer maker: what `load` and `load_model` share.
+
+    Over a `group` of more than one rank (by default the one `mlx.launch` started), each rank
+    keeps only its shard: weights are read lazily and sliced before anything is evaluated."""
     check_dtype(dtype)
     base_path, drafter_path = locate(path_or_repo, drafter, revision)
     dtype = default_dtype(str(path_or_repo), dtype)
@@ -197,11 +202,16 @@ def load_all(
         config.update(block_size=model.block_size, mask_token_id=model.mask_token_id)
     if dtype is not None:
         set_dtype(model, config, dtype)
+    group = group or distributed.world()
+    if group.size() > 1:
+        model.shard(group)
     if mx.default_device() == mx.cpu:
         lay_out_for_cpu(model)
     if not lazy:
         mx.eval(model.parameters())
         check_weights_finite(model, base_path, dtype)
+        if group.size() > 1:  # wait for the slowest rank's load here, not in a first pass
+            mx.eval(mx.distributed.all_sum(mx.array(1.0), group=group, stream=mx.cpu))
     return model, config, make_tokenizer
 
 
@@ -211,12 +221,13 @@ def load_model(
     revision: Optional[str] = None,
     lazy: bool = False,
     drafter: Union[str, Path, None] = None,
+    group: Optional[distributed.Group] = None,
 ) -> Tuple[Model, Dict[str, Any]]:
     """The model alone (no tokenizer), in the checkpoint's dtype unless `dtype` is given.
 
     Unless `lazy`, the weights are read and checked for NaN and inf (as cast to `dtype`).
     """
-    model, config, _ = load_all(path_or_repo, dtype, revision, lazy, drafter)
+    model, config, _ = load_all(path_or_repo, dtype, revision, lazy, drafter, group)
     return model, config
 
 
@@ -228,13 +239,16 @@ def load(
     tokenizer_config: Optional[Dict[str, Any]] = None,
     return_config: bool = False,
     drafter: Union[str, Path, None] = None,
+    group: Optional[distributed.Group] = None,
 ):
     """(model, tokenizer), like `mlx_lm.load`, from a folder, a Hugging Face repo id or a GGUF file.
 
     `drafter`: an adapter folder (or repo id) whose diffusion view is applied to the base.
     `dtype`: cast every weight; a quantized base is dequantized to it.
+    `group`: under `mlx.launch` (the default group has more than one rank), each rank loads
+    only its shard of the heads and MLP (`Model.shard`); every rank must then run the same calls.
     """
-    model, config, make_tokenizer = load_all(path_or_repo, dtype, revision, lazy, drafter)
+    model, config, make_tokenizer = load_all(path_or_repo, dtype, revision, lazy, drafter, group)
     tokenizer = make_tokenizer(tokenizer_config)
     return (model, tokenizer, config) if return_config else (model, tokenizer)
 

@@ -5,11 +5,13 @@ imported only when that command runs.
 """
 
 import argparse
+import contextlib
 import importlib
 import importlib.metadata
 import os
 import sys
-from typing import List, Optional
+import warnings
+from typing import Iterator, List, Optional
 
 COMMANDS = {
     "generate": ("orthrus_mlx.cli.generate", "Generate text from a prompt"),
@@ -51,6 +53,20 @@ def version() -> str:
         return __version__
 
 
+@contextlib.contextmanager
+def rank_zero_output() -> Iterator[None]:
+    """Under `mlx.launch` only rank 0 prints: the other ranks' stdout and warnings go nowhere
+    (errors still reach stderr, from whichever rank meets them)."""
+    from ..distributed import is_primary
+
+    if is_primary():
+        yield
+        return
+    with open(os.devnull, "w") as null, contextlib.redirect_stdout(null), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = top_level_parser()
@@ -71,7 +87,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     module.add_arguments(parser)
     args = parser.parse_args(argv[1:])
     try:
-        return module.run(args) or 0
+        with rank_zero_output():
+            return module.run(args) or 0
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:  # `orthrus-mlx generate ... | head`: the reader left, not an error

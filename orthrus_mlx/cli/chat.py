@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterator, List, Optional
 
 from ..core.step import DecodeStats, check_context
+from ..distributed import Group, broadcast_text, world
 from ..generate import stream_generate
 from ..prompt_cache import PromptCache
 from .flags import (
@@ -163,6 +164,13 @@ def read_message(interactive: bool, what: str) -> Optional[str]:
             print()
 
 
+def next_message(interactive: bool, what: str, group: Group) -> Optional[str]:
+    """`read_message` on rank 0, sent to every rank: under `mlx.launch` all ranks answer it."""
+    if group.size() == 1:
+        return read_message(interactive, what)
+    return broadcast_text(read_message(interactive, what) if group.rank() == 0 else None, group)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
     add_chat_template_arguments(parser)
@@ -185,14 +193,18 @@ def run(args: argparse.Namespace) -> int:
     interactive = sys.stdin.isatty()
     if interactive:
         print(f"[{HELP}]")
+    group = world()
     for line in itertools.count(1):
         try:
-            message = read_message(interactive, f"Input line {line}")
+            message = next_message(interactive, f"Input line {line}", group)
         except ValueError as e:  # that line is reported and skipped; the conversation goes on
             print(f"[error: {e}]", flush=True)
             continue
         if message is None or message.strip() == "/quit":
             break
+        if group.size() > 1:  # an answer stopped on one rank only would leave the others waiting
+            respond(session, message, threading.Event())
+            continue
         try:
             # Ctrl-C anywhere in a turn only sets the flag: the answer stops, the session stays.
             with ctrl_c_flag() as stop:

@@ -3,6 +3,7 @@
 import argparse
 import sys
 
+from ..distributed import broadcast_text, world
 from ..generate import generate
 from .flags import (
     add_chat_template_arguments,
@@ -50,8 +51,10 @@ def run(args: argparse.Namespace) -> int:
     kwargs = template_kwargs(args)
     check_text(args.system_prompt, "--system-prompt")
     prompt = check_text(args.prompt, "--prompt").replace("\\n", "\n").replace("\\t", "\t")
-    if prompt == "-":
-        prompt = read_all(sys.stdin, "The prompt on stdin")
+    if prompt == "-":  # rank 0's stdin, under mlx.launch
+        group = world()
+        prompt = read_all(sys.stdin, "The prompt on stdin") if group.rank() == 0 else None
+        prompt = broadcast_text(prompt, group) if group.size() > 1 else prompt
     model, tokenizer = load_from_args(args)
     if not args.ignore_chat_template and tokenizer.has_chat_template:
         messages = with_system(args.system_prompt, [{"role": "user", "content": prompt}])

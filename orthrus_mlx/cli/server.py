@@ -40,6 +40,7 @@ import mlx.core as mx
 
 from ..core.sampling import SamplingParams
 from ..core.step import DecodeStats, check_context
+from ..distributed import world
 from ..generate import add_special_tokens, stream_generate
 from ..loader import DEFAULT_MODEL, load
 from ..prompt_cache import PromptCachePool
@@ -1073,6 +1074,13 @@ def make_server(app: App, host: str, port: int) -> ThreadingHTTPServer:
 
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(message)s")
+    ranks = world().size()
+    if ranks > 1:
+        raise ValueError(
+            f"the server does not run under mlx.launch ({ranks} processes): every rank would have to "
+            "follow rank 0's requests, streams and cancellations step by step, which it does not do. "
+            "Serve from one machine; `generate` and `chat` run across machines."
+        )
     sampling_params(args)
     if args.prompt_cache_size < 1:
         raise ValueError(f"--prompt-cache-size must be >= 1, got {args.prompt_cache_size}")

@@ -133,15 +133,20 @@ class CostStore:
 
     def costs(self, key: str, max_size: int, measure: Callable[[], CostLines]) -> CostLines:
         """The (base, per_position) lines under `key` for lengths up to `max_size`, measured on first use."""
-        entry = self.entries.get(key)
-        if not isinstance(entry, dict) or len(entry.get("base", [])) < max_size + 1:
+        if not self.has(key, max_size):
             # Otherwise a second or more of silence before the first token.
             print(f"orthrus-mlx: measuring what a step of 1..{max_size} tokens costs on this machine",
                   file=sys.stderr, flush=True)
             base, per_position = measure()
-            entry = self.entries[key] = {"base": base, "per_position": per_position}
+            self.entries[key] = {"base": base, "per_position": per_position}
             self.save()
+        entry = self.entries[key]
         return entry["base"], entry["per_position"]
+
+    def has(self, key: str, max_size: int) -> bool:
+        """Whether lines for lengths up to `max_size` are kept under `key`."""
+        entry = self.entries.get(key)
+        return isinstance(entry, dict) and len(entry.get("base", [])) >= max_size + 1
 
 
 # The library's default: measured once per process and model, written nowhere.

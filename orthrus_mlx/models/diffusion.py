@@ -10,6 +10,7 @@ from typing import Any, List, Optional, Union
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.nn.layers.distributed import shard_linear
 from mlx_lm.models.cache import KVCache
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -78,6 +79,27 @@ class DiffusionAttention:
         return self.o_proj_diff(output.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
 
+def check_shardable(model: nn.Module, size: int) -> None:
+    """ValueError naming what does not divide among `size` ranks (heads, MLP width, quantized groups)."""
+    attn, mlp = model.layers[0].self_attn, model.layers[0].mlp
+    problems = []
+    if attn.n_heads % size or attn.n_kv_heads % size:
+        problems.append(f"{attn.n_heads} query and {attn.n_kv_heads} key/value heads")
+    width = linear_shape(mlp.gate_proj)[0]
+    if width % size:
+        problems.append(f"an MLP of width {width}")
+    for name in ("o_proj", "o_proj_diff"):
+        module = getattr(attn, name, None)
+        if isinstance(module, nn.QuantizedLinear) and module.scales.shape[-1] % size:
+            problems.append(f"{name}'s {module.scales.shape[-1]} quantization groups per row")
+    if isinstance(mlp.down_proj, nn.QuantizedLinear) and mlp.down_proj.scales.shape[-1] % size:
+        problems.append(f"down_proj's {mlp.down_proj.scales.shape[-1]} quantization groups per row")
+    if problems:
+        raise ValueError(
+            f"This model cannot be split over {size} ranks: {' and '.join(problems)} do not divide by {size}"
+        )
+
+
 class DiffusionBlock:
     """Mixed into an mlx-lm decoder layer: the same norms and MLP around the diffusion attention."""
 
@@ -103,10 +125,28 @@ class DiffusionModel:
 
     def add_diffusion_view(self, block_size: int, mask_token_id: int) -> None:
         """Give a loaded base a (still untrained) diffusion view; a drafter adapter fills it."""
+        if getattr(self, "tensor_group", None) is not None:
+            raise ValueError("Attach the diffusion view before sharding the model (loader.load does)")
         self.args.block_size, self.args.mask_token_id = block_size, mask_token_id
         for layer in self.layers:
             layer.self_attn.add_diffusion_view()
         # The passes compiled for the model without its view (core.step.per_model) are stale now.
+        vars(self).pop("_compiled_passes", None)
+
+    def shard(self, group: Optional[mx.distributed.Group] = None) -> None:
+        """Tensor parallelism, as mlx-lm's `shard`: each rank keeps its share of the heads of both
+        views (q/k/v by output rows, o by input columns) and of the MLP, so that a pass costs one
+        all-sum per attention and per MLP, and each rank's KV cache holds its own heads."""
+        group = group or mx.distributed.init()
+        check_shardable(self, group.size())
+        if self.has_diffusion:
+            for layer in self.layers:
+                attn = layer.self_attn
+                for name in ("q_proj_diff", "k_proj_diff", "v_proj_diff"):
+                    setattr(attn, name, shard_linear(getattr(attn, name), "all-to-sharded", group=group))
+                attn.o_proj_diff = shard_linear(attn.o_proj_diff, "sharded-to-all", group=group)
+        super().shard(group)  # mlx-lm's: the AR projections, the head counts, the MLP
+        self.tensor_group = group
         vars(self).pop("_compiled_passes", None)
 
     def make_cache(self) -> List[KVCache]:
