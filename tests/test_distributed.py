@@ -1,0 +1,160 @@
+"""Tensor parallelism over 2 processes (`mlx.launch --backend ring` on localhost) against the
+single-process run of the same code: one launch per module (tests/distributed_run.py)."""
+
+import contextlib
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlx.nn as nn
+import pytest
+from mlx.utils import tree_flatten
+
+from distributed_run import MAX_TOKENS, PROMPT
+from orthrus_mlx import cli
+from orthrus_mlx.generate import mlx_generate
+from orthrus_mlx.loader import DEFAULT_MODEL, load
+from orthrus_mlx.models import model_classes
+from orthrus_mlx.models.diffusion import check_shardable
+from orthrus_mlx.testing import tiny_config, tiny_llama_config
+
+LAUNCH = Path(sys.executable).parent / "mlx.launch"
+FLAGS = ["--max-tokens", "8", "--temp", "0", "--block-size", "4"]
+
+
+def decode(model, **kwargs):
+    return list(mlx_generate(model, PROMPT, max_tokens=MAX_TOKENS, **kwargs))
+
+
+def layer_parameters(model) -> int:
+    return sum(v.size for _, v in tree_flatten(model.layers[0].parameters()))
+
+
+def command(argv, stdin: str = "") -> str:
+    out, previous = io.StringIO(), sys.stdin
+    sys.stdin = io.StringIO(stdin)
+    try:
+        with contextlib.redirect_stdout(out):
+            assert cli.main(argv) == 0
+    finally:
+        sys.stdin = previous
+    return out.getvalue()
+
+
+@pytest.fixture(scope="module")
+def quantized(tmp_path_factory):
+    """The tiny model split into an 8-bit base and an 8-bit drafter adapter (groups of 32, so
+    that o_proj's 192 inputs make 6 groups, 3 per rank)."""
+    from orthrus_convert.drafter import split_drafter
+
+    root = tmp_path_factory.mktemp("quantized")
+    return split_drafter(
+        DEFAULT_MODEL, root / "base", root / "drafter", quantize=True, q_bits=8, q_group_size=32, progress=False
+    )
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory, quantized):
+    if not LAUNCH.is_file():
+        pytest.skip("mlx.launch is not installed")
+    out = tmp_path_factory.mktemp("ranks")
+    script = Path(__file__).parent / "distributed_run.py"
+    argv = [str(LAUNCH), "-n", "2", "--backend", "ring", "--", sys.executable, str(script), str(out)]
+    # The ranks never touch torch: without it transformers imports in half the time.
+    env = dict(os.environ, USE_TORCH="0")
+    proc = subprocess.run(
+        argv + [str(DEFAULT_MODEL), *map(str, quantized)], capture_output=True, text=True, timeout=600, env=env
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+
+
+@pytest.fixture(scope="module")
+def single():
+    model, _ = load(DEFAULT_MODEL)
+    return model
+
+
+def test_each_rank_holds_half_of_the_heads_and_weights(ranks, single):
+    norms = sum(v.size for k, v in tree_flatten(single.layers[0].parameters()) if "norm" in k)
+    for rank in ranks:
+        assert rank["size"] == 2
+        assert rank["heads"] == [single.layers[0].self_attn.n_heads // 2, single.layers[0].self_attn.n_kv_heads // 2]
+        assert rank["cache_heads"] == single.layers[0].self_attn.n_kv_heads // 2
+        # Every matrix halved; only the per-head norms (and layer norms) are whole on each rank.
+        assert 2 * rank["layer_parameters"] - layer_parameters(single) == norms
+
+
+def test_greedy_and_seeded_sampling_equal_the_single_process_run(ranks, single):
+    greedy = decode(single, block_size=4)
+    sampled = decode(single, block_size=4, temperature=0.8, seed=7)
+    assert greedy == decode(single, block_size=1)  # the reference is AR decoding itself
+    for rank in ranks:
+        assert rank["greedy"] == greedy
+        assert rank["sampled"] == sampled
+        assert rank["auto"]["tokens"] == greedy
+    # Without a seed, rank 0 draws one for all: the ranks never sample apart.
+    assert ranks[0]["unseeded"] == ranks[1]["unseeded"]
+
+
+def test_auto_takes_rank_zeros_costs_and_decisions(ranks):
+    zero, one = ranks[0]["auto"], ranks[1]["auto"]
+    # Only rank 0's store had the costs: rank 1 received them rather than measuring alone.
+    assert one["costs"] == zero["costs"]
+    assert zero["costs"][1] == pytest.approx(0.0105)
+    assert one["lengths"] == zero["lengths"] and max(zero["lengths"]) > 1
+
+
+def test_quantized_base_with_drafter_adapter(ranks, quantized):
+    model, _ = load(quantized[0], drafter=quantized[1])
+    expected = decode(model, block_size=4)
+    for rank in ranks:
+        assert rank["quantized"] == expected
+        assert rank["quantized_layer_parameters"] < 0.55 * layer_parameters(model)
+
+
+def test_commands_print_on_rank_zero_only(ranks):
+    model = ["--model", str(DEFAULT_MODEL)]
+    generated = command(["generate", "--prompt", "hello", *model, *FLAGS])
+    assert ranks[0]["generate"]["stdout"] == generated and generated.strip()
+    chat = command(["chat", *model, *FLAGS], "hello\n/stats\n")
+    answer = chat.splitlines()[:-2]  # the footer's speeds differ, the answer must not
+    assert ranks[0]["chat"]["stdout"].splitlines()[:-2] == answer
+    assert ranks[0]["chat"]["stdout"].splitlines()[-1].startswith("[1 turns")  # rank 1 followed rank 0's input
+    for rank in ranks:
+        assert rank["generate"]["code"] == rank["chat"]["code"] == 0
+    assert ranks[1]["generate"]["stdout"] == ranks[1]["chat"]["stdout"] == ""
+    for rank in ranks:
+        assert rank["server"]["code"] == 1 and "does not run under mlx.launch" in rank["server"]["stderr"]
+
+
+def build(config):
+    model_class, args_class = model_classes(config)
+    return model_class(args_class.from_dict(config))
+
+
+TINY_SHAPE = dict(num_attention_heads=6, num_key_value_heads=2, hidden_size=192, head_dim=32, intermediate_size=384)
+
+
+def test_heads_must_divide_by_the_ranks():
+    tiny = build(tiny_config(**TINY_SHAPE))
+    check_shardable(tiny, 2)
+    with pytest.raises(ValueError, match="6 query and 2 key/value heads do not divide by 3"):
+        check_shardable(tiny, 3)
+    # SmolLM2-135M's shape: 9 query and 3 key/value heads run on 3 ranks, not on 2.
+    smollm2 = build(
+        tiny_llama_config(num_attention_heads=9, num_key_value_heads=3, hidden_size=576, intermediate_size=96)
+    )
+    check_shardable(smollm2, 3)
+    with pytest.raises(ValueError, match="over 2 ranks: 9 query and 3 key/value heads"):
+        check_shardable(smollm2, 2)
+
+
+def test_quantized_groups_must_divide_by_the_ranks():
+    model = build(tiny_config(**TINY_SHAPE))
+    nn.quantize(model, group_size=64, bits=8)  # o_proj: 192 inputs in 3 groups
+    with pytest.raises(ValueError, match="o_proj's 3 quantization groups"):
+        check_shardable(model, 2)
