@@ -5,6 +5,7 @@ import contextlib
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +23,7 @@ from orthrus_mlx.models.diffusion import check_shardable
 from orthrus_mlx.testing import tiny_config, tiny_llama_config
 
 LAUNCH = Path(sys.executable).parent / "mlx.launch"
+LAUNCH_TIMEOUT = 420  # ~45 s of CPU in all; minutes on a loaded machine
 FLAGS = ["--max-tokens", "8", "--temp", "0", "--block-size", "4"]
 
 
@@ -64,11 +66,20 @@ def ranks(tmp_path_factory, quantized):
     script = Path(__file__).parent / "distributed_run.py"
     argv = [str(LAUNCH), "-n", "2", "--backend", "ring", "--", sys.executable, str(script), str(out)]
     # The ranks never touch torch: without it transformers imports in half the time.
-    env = dict(os.environ, USE_TORCH="0")
-    proc = subprocess.run(
-        argv + [str(DEFAULT_MODEL), *map(str, quantized)], capture_output=True, text=True, timeout=600, env=env
+    root = str(Path(__file__).parents[1])
+    env = dict(os.environ, USE_TORCH="0", PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
+    # Ranks that diverge wait on each other forever: the whole process group goes at the deadline.
+    proc = subprocess.Popen(
+        argv + [str(DEFAULT_MODEL), *map(str, quantized)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True,
     )
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    try:
+        output, _ = proc.communicate(timeout=LAUNCH_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        output, _ = proc.communicate()
+        pytest.fail(f"the 2 ranks did not finish in {LAUNCH_TIMEOUT} s (diverged?):\n{output[-3000:]}")
+    assert proc.returncode == 0, output[-3000:]
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
 
 
