@@ -29,6 +29,11 @@ def log_probs(logits: mx.array, params: SamplingParams) -> mx.array:
     return logprobs - mx.logsumexp(logprobs, axis=-1, keepdims=True)
 
 
+def scores_from(d: mx.array, target: mx.array, ratio: Optional[mx.array], rows: Optional[mx.array]) -> Scores:
+    """`Scores` from the evaluated arrays of `MLXBackend.score`."""
+    return Scores(d.tolist(), target.tolist(), None if ratio is None else ratio.tolist(), rows)
+
+
 def log_softmax(logits: mx.array) -> mx.array:
     """The base model's log-probabilities, as mlx-lm reports them (no sampling processing)."""
     logits = logits.astype(mx.float32)
@@ -90,28 +95,35 @@ class MLXBackend:
 
     def draft(self, token: int, length: int, params: SamplingParams):
         block = mx.array([[token] + [self.model.mask_token_id] * (length - 1)])
-        logits = self.passes(block, self.cache, "draft")[0, :-1]
+        drafted = self.sample_draft(self.passes(block, self.cache, "draft")[0, :-1], params)
+        # The draft computes while the verify pass's graph is being built.
+        mx.async_eval(*(a for a in drafted if a is not None))
+        return drafted
+
+    def sample_draft(self, logits: mx.array, params: SamplingParams):
+        """(d, q) from the draft pass's logits: the drafted tokens and, sampling, their log-probabilities."""
         q = None if params.greedy else log_probs(logits, params)
         d = self.sample(logits, params) if q is None else mx.random.categorical(q, key=self.next_key()).astype(mx.int32)
-        # The draft computes while the verify pass's graph is being built.
-        mx.async_eval(d, q) if q is not None else mx.async_eval(d)
         return d, q
 
     def verify(self, token: int, drafted, params: SamplingParams) -> Scores:
-        d, q = drafted if drafted is not None else (mx.zeros((0,), mx.int32), None)
+        d = drafted[0] if drafted is not None else mx.zeros((0,), mx.int32)
         block = mx.concatenate([mx.array([token], dtype=mx.int32), d])
         logits = self.passes(block[None], self.cache, "verify")[0]
+        arrays = self.score(logits, drafted, params)
+        mx.eval(*(a for a in arrays if a is not None))
+        return scores_from(*arrays)
+
+    def score(self, logits: mx.array, drafted, params: SamplingParams):
+        """The verify pass's lazy (draft, target, ratio, logprob rows) for `Scores`, see there."""
+        d, q = drafted if drafted is not None else (mx.zeros((0,), mx.int32), None)
         rows = log_softmax(logits) if self.logprobs else None
         if params.greedy:
-            target = self.sample(logits, params)
-            mx.eval(d, target, rows)
-            return Scores(d.tolist(), target.tolist(), logprobs=rows)
+            return d, self.sample(logits, params), None, rows
 
         p = log_probs(logits, params)
         if q is None:
-            target = mx.random.categorical(p, key=self.next_key())
-            mx.eval(target, rows)
-            return Scores([], target.tolist(), logprobs=rows)
+            return d, mx.random.categorical(p, key=self.next_key()), None, rows
         p_d = mx.take_along_axis(p[:-1], d[:, None], axis=-1)[:, 0]
         q_d = mx.take_along_axis(q, d[:, None], axis=-1)[:, 0]
         ratio = mx.exp(p_d - q_d)
@@ -123,8 +135,7 @@ class MLXBackend:
         target = mx.random.categorical(
             mx.concatenate([residual, p[-1:]]), key=self.next_key()
         )
-        mx.eval(d, target, ratio, rows)
-        return Scores(d.tolist(), target.tolist(), ratio.tolist(), rows)
+        return d, target, ratio, rows
 
     def trim(self, n: int) -> None:
         for c in self.cache:

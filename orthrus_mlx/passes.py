@@ -54,13 +54,15 @@ class CompiledPasses:
         self.leave = {v: mx.compile(self._make_leave(v)) for v in views}
 
     def _angles(self, L: int, offset: mx.array):
-        """cos and sin of the rotary angles at positions offset .. offset+L-1, as nn.RoPE has them."""
+        """cos and sin of the rotary angles at positions offset .. offset+L-1, as nn.RoPE has them;
+        `offset` is a scalar, or one per row of a batch (shape [B])."""
         if not self.shared_rope:
             return offset
         rope = self.layers[0].self_attn.rope
         half = rope.dims // 2
         freqs = mx.exp(-mx.arange(0.0, half) * (math.log(rope.base) / half))
-        theta = (offset + mx.arange(L)).astype(mx.float32)[:, None] * rope.scale * freqs
+        positions = offset[..., None, None] + mx.arange(L)  # [1, L] or [B, 1, L]
+        theta = positions.astype(mx.float32)[..., None] * rope.scale * freqs
         return mx.cos(theta), mx.sin(theta)
 
     def _rotate(self, attn, x: mx.array, angles) -> mx.array:
