@@ -6,6 +6,7 @@ from .core.sampling import SamplingParams
 from .core.step import DecodeStats
 
 try:
+    from .batch import BatchDecoder, batch_generate
     from .generate import GenerationResponse, generate, mlx_generate, stream_generate
     from .loader import load, load_model, load_model_and_tokenizer
     from .models.qwen3 import Model, ModelArgs
@@ -14,11 +15,13 @@ except ModuleNotFoundError as e:  # the PyTorch backend (orthrus_mlx.torch_backe
         raise
 
 __all__ = [
+    "BatchDecoder",
     "DecodeStats",
     "GenerationResponse",
     "Model",
     "ModelArgs",
     "SamplingParams",
+    "batch_generate",
     "generate",
     "load",
     "load_model",

@@ -19,6 +19,7 @@ from .backend import MLXBackend, adaptive_block, scores_from
 from .core.policy import BlockPolicy, block_policy
 from .core.sampling import SamplingParams
 from .core.step import accept, as_token_list, check_request, eos_set
+from .generate import add_special_tokens
 from .models.qwen3 import Model
 from .passes import compiled_passes
 
@@ -236,6 +237,17 @@ class BatchResponse:
     seconds: float
 
 
+def detokenize(tokenizer, tokens: List[int]) -> str:
+    """Text as `generate` streams it (the streaming detokenizer, not `decode`, which differs
+    on a leading space)."""
+    detokenizer = tokenizer.detokenizer
+    detokenizer.reset()
+    for token in tokens:
+        detokenizer.add_token(token)
+    detokenizer.finalize()
+    return detokenizer.text
+
+
 def batch_generate(model: Model, tokenizer, prompts: List[Union[str, List[int]]],
                    max_tokens: Union[int, List[int]] = 128, block_size: Union[int, str, None] = None,
                    verbose: bool = False, **kwargs) -> BatchResponse:
@@ -248,7 +260,7 @@ def batch_generate(model: Model, tokenizer, prompts: List[Union[str, List[int]]]
     uids = []
     for prompt, limit in zip(prompts, max_tokens):
         if isinstance(prompt, str):
-            prompt = tokenizer.encode(prompt)
+            prompt = tokenizer.encode(prompt, add_special_tokens=add_special_tokens(tokenizer, prompt))
         uids.append(decoder.insert(prompt, limit, block_size=block_size, eos_token_id=eos, **kwargs))
     rows = {r.uid: r for r in decoder.waiting}
     tokens: Dict[int, List[int]] = {uid: [] for uid in uids}
@@ -264,7 +276,7 @@ def batch_generate(model: Model, tokenizer, prompts: List[Union[str, List[int]]]
         print()
     ids = [[t for t in tokens[uid] if t not in rows[uid].eos] for uid in uids]
     return BatchResponse(
-        texts=[tokenizer.decode(t) for t in ids],
+        texts=[detokenize(tokenizer, t) for t in ids],
         token_ids=ids,
         tokens_per_step=[rows[uid].steps for uid in uids],
         seconds=time.perf_counter() - tic,

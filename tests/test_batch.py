@@ -1,0 +1,114 @@
+"""Batched decoding: every sequence of a batch gets exactly the tokens it gets alone."""
+
+from pathlib import Path
+
+import pytest
+
+from orthrus_mlx import batch_generate, generate, load, mlx_generate
+from orthrus_mlx.batch import BatchDecoder
+from orthrus_mlx.testing import random_checkpoint, tiny_llama_config
+
+TINY = Path(__file__).resolve().parents[1] / "orthrus_mlx" / "assets" / "orthrus-tiny"
+PROMPTS = [
+    "def add(a, b):",
+    "import os\nimport sys\n\nclass Loader:\n    def __init__(self, path):",
+    "x = [",
+    "for i in range(10):\n    print(i)\n# now the sum of",
+]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return load(TINY)
+
+
+def run(decoder: BatchDecoder, uids, tokens, steps: int = 10**6, emitted=None):
+    """Step `decoder` (at most `steps` times), collecting each uid's tokens; the uids that finished."""
+    finished = []
+    for _ in range(steps):
+        if not len(decoder):
+            break
+        for uid, new, done in decoder.step():
+            tokens[uid] += new
+            if emitted is not None:
+                emitted.append(len(new))
+            if done:
+                finished.append(uid)
+    return finished
+
+
+def test_rows_joining_and_leaving_get_their_alone_tokens(tiny):
+    model, tokenizer = tiny
+    prompts = [tokenizer.encode(p) for p in PROMPTS]
+    # Different block lengths (AR among them), max_tokens and arrival times in one batch.
+    options = [dict(max_tokens=40, block_size=4), dict(max_tokens=25, block_size=8),
+               dict(max_tokens=33, block_size=1), dict(max_tokens=12, block_size=4)]
+    alone = [list(mlx_generate(model, p, **o)) for p, o in zip(prompts, options)]
+
+    decoder = BatchDecoder(model, prefill_chunk=8)  # the longer prompts join over several steps
+    tokens = {}
+    uids = []
+    for p, o in zip(prompts[:2], options[:2]):
+        uids.append(decoder.insert(p, **o))
+        tokens[uids[-1]] = []
+    run(decoder, uids, tokens, steps=6)
+    assert all(tokens[u] for u in uids)  # decoding before the newcomers arrive
+    for p, o in zip(prompts[2:], options[2:]):
+        uids.append(decoder.insert(p, **o))
+        tokens[uids[-1]] = []
+    emitted = []
+    finished = run(decoder, uids, tokens, emitted=emitted)
+
+    assert [tokens[u] for u in uids] == alone
+    assert sorted(finished) == sorted(uids) and finished != uids  # not all at once, nor in order
+    assert len(set(emitted)) > 2  # drafts were accepted, raggedly
+
+
+def test_removed_row_leaves_the_others_exact(tiny):
+    model, tokenizer = tiny
+    prompts = [tokenizer.encode(p) for p in PROMPTS[:3]]
+    alone = [list(mlx_generate(model, p, max_tokens=30, block_size=4)) for p in prompts]
+    decoder = BatchDecoder(model)
+    uids = [decoder.insert(p, max_tokens=30, block_size=4) for p in prompts]
+    tokens = {u: [] for u in uids}
+    run(decoder, uids, tokens, steps=5)
+    decoder.remove(uids[1])
+    run(decoder, uids, tokens)
+    assert tokens[uids[0]] == alone[0] and tokens[uids[2]] == alone[2]
+    assert tokens[uids[1]] == alone[1][: len(tokens[uids[1]])] and len(tokens[uids[1]]) < 30
+
+
+def test_sampled_rows_draw_what_they_draw_alone(tiny):
+    """Per row: the same speculative sampling rule, keys and acceptance draws as a generation alone."""
+    model, tokenizer = tiny
+    prompts = [tokenizer.encode(p) for p in PROMPTS[:3]]
+    options = [dict(temperature=0.8, seed=1), dict(temperature=0.0), dict(temperature=1.0, top_p=0.9, seed=2)]
+    alone = [list(mlx_generate(model, p, max_tokens=20, block_size=4, **o)) for p, o in zip(prompts, options)]
+    decoder = BatchDecoder(model)
+    uids = [decoder.insert(p, max_tokens=20, block_size=4, **o) for p, o in zip(prompts, options)]
+    tokens = {u: [] for u in uids}
+    run(decoder, uids, tokens)
+    assert [tokens[u] for u in uids] == alone
+    assert alone[0] != list(mlx_generate(model, prompts[0], max_tokens=20, block_size=4, temperature=0.8, seed=3))
+
+
+def test_llama_with_llama3_rope(tmp_path):
+    """mx.fast.rope's per-row offsets (Llama 3 scaling keeps the model's own RoPE)."""
+    rope = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64}
+    model, tokenizer = load(random_checkpoint(tmp_path, tiny_llama_config(rope_scaling=rope), seed=3))
+    prompts = [[5, 6, 7], list(range(10, 50)), [42]]
+    alone = [list(mlx_generate(model, p, max_tokens=12, block_size=4)) for p in prompts]
+    decoder = BatchDecoder(model, prefill_chunk=16)
+    uids = [decoder.insert(p, max_tokens=12, block_size=4) for p in prompts]
+    tokens = {u: [] for u in uids}
+    run(decoder, uids, tokens)
+    assert [tokens[u] for u in uids] == alone
+
+
+def test_batch_generate_texts_equal_generate(tiny):
+    model, tokenizer = tiny
+    response = batch_generate(model, tokenizer, PROMPTS, max_tokens=[20, 30, 10, 25], block_size=4)
+    assert response.texts == [
+        generate(model, tokenizer, p, max_tokens=n, block_size=4) for p, n in zip(PROMPTS, [20, 30, 10, 25])
+    ]
