@@ -18,6 +18,7 @@ request.
 """
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -422,6 +423,12 @@ class App:
         )
         self.lock = FifoLock()
         self.model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="orthrus-mlx")
+        self.batch = None
+        concurrency = getattr(defaults, "decode_concurrency", 1)
+        if concurrency > 1:
+            from .server_batch import BatchWorker
+
+            self.batch = BatchWorker(self, concurrency, getattr(defaults, "prompt_concurrency", 1))
         self.created = int(time.time())
 
     def encode(self, text: str, add_special_tokens: bool) -> List[int]:
@@ -496,6 +503,11 @@ class App:
         except Exception as e:  # the template's own complaint (unknown role, ...)
             raise RequestError(f"The chat template failed: {e}", param="messages")
 
+    def batches(self, req: Request) -> bool:
+        """Whether `req` decodes in the batch: greedy without logprobs (sampled requests and
+        logprobs keep the one-at-a-time path, which also reuses prompt caches)."""
+        return self.batch is not None and req.sampling.greedy and not req.logprobs
+
     def generate(
         self,
         req: Request,
@@ -506,6 +518,9 @@ class App:
         """`Piece`s, computed on the model's thread; call under `self.lock` and close when
         done. Fills `usage` as it goes. `progress(done, total)` is called, on the model's
         thread, as the prompt prefills; `on_wait` on the caller's while it waits."""
+        if self.batches(req):
+            options = generation_kwargs(self.defaults, self.auto)
+            return self.batch.pieces(req, usage, options["block_size"], options["use_diffusion"])
         return OnOneThread(self.model_thread, self._generate(req, usage, progress), on_wait)
 
     def _generate(self, req: Request, usage: Dict[str, Any], progress=None) -> Iterator[Piece]:
@@ -717,7 +732,7 @@ class Handler(BaseHTTPRequestHandler):
             self.send_error_json(500, f"Reading the request failed: {e}")
             return
         chat = path.endswith("chat/completions")
-        with self.app.lock:
+        with contextlib.nullcontext() if self.app.batches(req) else self.app.lock:
             try:
                 if self.anthropic:
                     (self.stream_message if req.stream else self.whole_message)(req)
@@ -972,6 +987,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=byte_size,
         default=DISK_BYTES,
         help=f"Most bytes --prompt-cache-dir may hold (default: {DISK_BYTES // 10**9}GB)",
+    )
+    parser.add_argument(
+        "--decode-concurrency",
+        type=int,
+        default=1,
+        help="Decode up to N concurrent greedy requests without logprobs together, in one batch "
+        "(default: 1, one request at a time)",
+    )
+    parser.add_argument(
+        "--prompt-concurrency",
+        type=int,
+        default=1,
+        help="With --decode-concurrency: how many newcomers may be prefilling at once, one chunk each "
+        "per batch step (default: 1)",
     )
     parser.add_argument(
         "--allowed-origins",

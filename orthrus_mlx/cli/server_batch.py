@@ -1,0 +1,159 @@
+"""The server's batched path (--decode-concurrency): concurrent greedy requests decoded together.
+
+One coordinating thread owns a `BatchDecoder`; every decoder call runs on the model's thread (MLX
+evaluates a graph only on the stream of the thread that built it). While the batch holds
+requests it holds the server's generation lock, so a one-at-a-time request waits its turn.
+"""
+
+import copy
+import queue
+import threading
+from typing import Any, Dict, List, Optional
+
+from ..batch import BatchDecoder
+from .server import Piece, StopStrings
+
+END = object()
+
+
+class BatchedPieces:
+    """One request's `Piece`s, made by the batch thread and read on the connection's thread."""
+
+    def __init__(self, request, usage: Dict[str, Any], tokenizer, eos: frozenset):
+        self.request, self.usage, self.eos = request, usage, eos
+        self.detokenizer = copy.copy(tokenizer.detokenizer)  # the wrapper's own is shared
+        self.detokenizer.reset()
+        self.stops = StopStrings(request.stop)
+        self.out: "queue.SimpleQueue[Any]" = queue.SimpleQueue()
+        self.closed = False
+        self.emitted = 0
+        self.steps: List[int] = []
+        usage.update(prompt_tokens=len(request.prompt), completion_tokens=0, total_tokens=len(request.prompt),
+                     prompt_tokens_details={"cached_tokens": 0})
+
+    def __iter__(self) -> "BatchedPieces":
+        return self
+
+    def __next__(self) -> Piece:
+        item = self.out.get()
+        if item is END:
+            self.out.put(END)
+            raise StopIteration
+        if isinstance(item, BaseException):
+            self.out.put(END)
+            raise item
+        return item
+
+    def close(self) -> None:
+        self.closed = True  # the batch thread drops the row at its next step
+
+    def feed(self, tokens: List[int]) -> bool:
+        """Turn a step's tokens into pieces; True once the request is done (EOS, length, stop)."""
+        if tokens and self.emitted:
+            self.steps.append(len(tokens))
+        for token in tokens:
+            self.emitted += 1
+            finish = "stop" if token in self.eos else "length" if self.emitted >= self.request.max_tokens else None
+            if token not in self.eos:
+                self.detokenizer.add_token(token)
+            if finish:
+                self.detokenizer.finalize()
+            self.update_usage()
+            text, stopped = self.stops.feed(self.detokenizer.last_segment)
+            if stopped:
+                return self.end(Piece(text, "stop", [], self.stops.matched))
+            if finish:
+                return self.end(Piece(text + self.stops.flush(), finish, []))
+            if text:
+                self.out.put(Piece(text, None, []))
+        return False
+
+    def update_usage(self) -> None:
+        self.usage.update(completion_tokens=self.emitted, total_tokens=len(self.request.prompt) + self.emitted)
+        steps = max(1, len(self.steps))
+        self.usage["orthrus"] = {"steps": len(self.steps),
+                                 "mean_tokens_per_step": round(sum(self.steps) / steps, 3)}
+
+    def end(self, last: Optional[Piece] = None) -> bool:
+        if last is not None:
+            self.out.put(last)
+        self.out.put(END)
+        return True
+
+    def fail(self, error: BaseException) -> None:
+        self.out.put(error)
+
+
+class BatchWorker:
+    """Admits up to `concurrency` requests into one batch (at most `prompt_concurrency` of them
+    prefilling at once) and steps it until it is empty."""
+
+    def __init__(self, app, concurrency: int, prompt_concurrency: int):
+        self.app = app
+        self.concurrency, self.prompt_concurrency = concurrency, prompt_concurrency
+        self.incoming: "queue.SimpleQueue[Any]" = queue.SimpleQueue()
+        self.eos = frozenset(app.tokenizer.eos_token_ids)
+        self.decoder: Optional[BatchDecoder] = None
+        threading.Thread(target=self.run, name="orthrus-mlx-batch", daemon=True).start()
+
+    def pieces(self, request, usage: Dict[str, Any], block_size: Any, use_diffusion: bool) -> BatchedPieces:
+        pieces = BatchedPieces(request, usage, self.app.tokenizer, self.eos)
+        self.incoming.put((pieces, block_size, use_diffusion))
+        return pieces
+
+    def on_model_thread(self, fn, *args, **kwargs):
+        return self.app.model_thread.submit(fn, *args, **kwargs).result()
+
+    def run(self) -> None:
+        while True:
+            waiting = [self.incoming.get()]
+            with self.app.lock:
+                self.decoder = self.on_model_thread(BatchDecoder, self.app.model)
+                rows: Dict[int, BatchedPieces] = {}
+                while waiting or rows:
+                    while not self.incoming.empty():
+                        waiting.append(self.incoming.get())
+                    self.admit(waiting, rows)
+                    for uid in [uid for uid, pieces in rows.items() if pieces.closed]:
+                        self.on_model_thread(self.decoder.remove, uid)
+                        rows.pop(uid).end()
+                    if rows:
+                        self.step(rows)
+
+    def admit(self, waiting: List[Any], rows: Dict[int, BatchedPieces]) -> None:
+        while waiting and len(rows) < self.concurrency and len(self.decoder.waiting) < self.prompt_concurrency:
+            pieces, block_size, use_diffusion = waiting.pop(0)
+            if pieces.closed:
+                pieces.end()
+                continue
+            request = pieces.request
+            try:
+                uid = self.on_model_thread(
+                    self.decoder.insert, request.prompt, request.max_tokens, block_size=block_size,
+                    eos_token_id=list(self.eos), use_diffusion=use_diffusion,
+                )
+            except Exception as e:
+                pieces.fail(e)
+                continue
+            rows[uid] = pieces
+
+    def step(self, rows: Dict[int, BatchedPieces]) -> None:
+        try:
+            results = self.on_model_thread(self.decoder.step)
+        except Exception as e:  # a bug: every request of the batch fails, the server keeps serving
+            for pieces in rows.values():
+                pieces.fail(e)
+            rows.clear()
+            self.decoder = self.on_model_thread(BatchDecoder, self.app.model)
+            return
+        for uid, tokens, finished in results:
+            pieces = rows.get(uid)
+            if pieces is None:
+                continue
+            done = pieces.feed(tokens)
+            if finished and not done:
+                pieces.end()
+            if done or finished:
+                if not finished:
+                    self.on_model_thread(self.decoder.remove, uid)
+                rows.pop(uid)
