@@ -5,7 +5,7 @@ from typing import Any, Callable, List, Optional, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.sample_utils import apply_top_k, apply_top_p
+from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p, make_logits_processors
 
 from . import distributed, passes
 from .core.costs import CostStore, adaptive_policy, machine_key, source_hash
@@ -16,11 +16,19 @@ from .loader import lay_out_for_cpu
 from .models.qwen3 import Model
 
 PREFILL_STEP_SIZE = 2048
+LogitsProcessor = Callable[[mx.array, mx.array], mx.array]  # (history, logits [1, vocab]) -> logits
 
 
 def log_probs(logits: mx.array, params: SamplingParams) -> mx.array:
-    """Temperature, then top-k, then top-p; the same processing for both views."""
-    logits = logits.astype(mx.float32) / params.temperature
+    """min-p, temperature, top-k, top-p; the same processing for both views.
+
+    min-p is mlx-lm's `apply_min_p` on the untempered distribution, where `make_sampler`
+    applies it; we need the distribution itself, not a sampled token, so not the sampler."""
+    logits = logits.astype(mx.float32)
+    if params.min_p > 0:
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        logits = apply_min_p(logprobs, params.min_p, params.min_tokens_to_keep)
+    logits = logits / params.temperature
     logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
     if 0 < params.top_k < logprobs.shape[-1]:
         logprobs = apply_top_k(logprobs, params.top_k)
@@ -34,6 +42,19 @@ def scores_from(d: mx.array, target: mx.array, ratio: Optional[mx.array], rows: 
     return Scores(d.tolist(), target.tolist(), None if ratio is None else ratio.tolist(), rows)
 
 
+def logits_processors(params: SamplingParams, vocab_size: int) -> List[LogitsProcessor]:
+    """mlx-lm's processors for `params` (none when all are off)."""
+    bad = [t for t in params.logit_bias or () if t >= vocab_size]
+    if bad:
+        raise ValueError(f"logit_bias token ids outside the vocabulary [0, {vocab_size}): {bad[:8]}")
+    return make_logits_processors(
+        params.logit_bias,
+        params.repetition_penalty, params.repetition_context_size,
+        params.presence_penalty, params.presence_context_size,
+        params.frequency_penalty, params.frequency_context_size,
+    )
+
+
 def log_softmax(logits: mx.array) -> mx.array:
     """The base model's log-probabilities, as mlx-lm reports them (no sampling processing)."""
     logits = logits.astype(mx.float32)
@@ -45,6 +66,12 @@ class MLXBackend:
 
     With `logprobs`, the prefill and every verify pass also hand back their log-softmax
     rows (`prefill_logprobs`, `Scores.logprobs`): vocabulary-wide work no other caller pays.
+
+    With `processors` ((history, logits) -> logits, as mlx-lm's), both views' logits at every
+    block position are processed with the history AR decoding would have there: `history`
+    (tokens before the prompt), the prompt, the committed tokens and the block's earlier
+    drafts. The backend keeps that history in step with the cache. Processors must be pure:
+    they also see drafts that are then rejected.
     """
 
     def __init__(
@@ -54,8 +81,12 @@ class MLXBackend:
         seed: Optional[int] = None,
         logprobs: bool = False,
         progress: Optional[Callable[[int, int], None]] = None,
+        processors: Sequence[LogitsProcessor] = (),
+        history: Sequence[int] = (),
     ):
         self.model = model
+        self.processors = list(processors)
+        self.history = mx.array(list(history), dtype=mx.int32) if self.processors else None
         self.cache = cache
         self.logprobs = logprobs
         self.progress = progress or (lambda done, total: None)  # (prompt tokens prefilled, total), as mlx-lm
@@ -71,6 +102,18 @@ class MLXBackend:
         self.key, key = mx.random.split(self.key)
         return key
 
+    def process(self, history: mx.array, logits: mx.array) -> mx.array:
+        """One position's logits [1, vocab] after every processor, given the tokens before it."""
+        for processor in self.processors:
+            logits = processor(history, logits)
+        return logits
+
+    def process_rows(self, logits: mx.array, block: mx.array) -> mx.array:
+        """Rows [L, vocab] of a pass over `block` after the cache: row i sees block[: i + 1]."""
+        history = mx.concatenate([self.history, block])
+        start = self.history.size
+        return mx.concatenate([self.process(history[: start + i + 1], logits[i : i + 1]) for i in range(block.size)])
+
     def sample(self, logits: mx.array, params: SamplingParams) -> mx.array:
         if params.greedy:
             return mx.argmax(logits, axis=-1).astype(mx.int32)
@@ -80,6 +123,8 @@ class MLXBackend:
     def prefill(self, tokens: Sequence[int], params: SamplingParams) -> int:
         tokens = mx.array(tokens, dtype=mx.int32)
         total = tokens.size
+        if self.processors:
+            self.history = mx.concatenate([self.history, tokens])
         self.progress(0, total)
         while tokens.size > PREFILL_STEP_SIZE:
             self.model(tokens[None, :PREFILL_STEP_SIZE], cache=self.cache)
@@ -87,6 +132,8 @@ class MLXBackend:
             tokens = tokens[PREFILL_STEP_SIZE:]
             self.progress(total - tokens.size, total)
         logits = self.model(tokens[None], cache=self.cache)[0, -1]
+        if self.processors:
+            logits = self.process(self.history, logits[None])[0]
         if self.logprobs:
             self.prefill_logprobs = log_softmax(logits)
         token = self.sample(logits, params).item()
@@ -95,7 +142,11 @@ class MLXBackend:
 
     def draft(self, token: int, length: int, params: SamplingParams):
         block = mx.array([[token] + [self.model.mask_token_id] * (length - 1)])
-        drafted = self.sample_draft(self.passes(block, self.cache, "draft")[0, :-1], params)
+        logits = self.passes(block, self.cache, "draft")[0, :-1]
+        if self.processors:
+            drafted = self.draft_processed(token, logits, params)
+        else:
+            drafted = self.sample_draft(logits, params)
         # The draft computes while the verify pass's graph is being built.
         mx.async_eval(*(a for a in drafted if a is not None))
         return drafted
@@ -106,10 +157,28 @@ class MLXBackend:
         d = self.sample(logits, params) if q is None else mx.random.categorical(q, key=self.next_key()).astype(mx.int32)
         return d, q
 
+    def draft_processed(self, token: int, logits: mx.array, params: SamplingParams):
+        """Drafts one position at a time: position i's processors see the drafts before it."""
+        history = mx.concatenate([self.history, mx.array([token], dtype=mx.int32)])
+        drafts, qs = [], []
+        for i in range(logits.shape[0]):
+            row = self.process(history, logits[i : i + 1])
+            if params.greedy:
+                d = mx.argmax(row, axis=-1).astype(mx.int32)
+            else:
+                qs.append(log_probs(row, params))
+                d = mx.random.categorical(qs[-1], key=self.next_key()).astype(mx.int32)
+            drafts.append(d)
+            history = mx.concatenate([history, d])
+        return mx.concatenate(drafts), mx.concatenate(qs) if qs else None
+
     def verify(self, token: int, drafted, params: SamplingParams) -> Scores:
         d = drafted[0] if drafted is not None else mx.zeros((0,), mx.int32)
         block = mx.concatenate([mx.array([token], dtype=mx.int32), d])
         logits = self.passes(block[None], self.cache, "verify")[0]
+        if self.processors:
+            logits = self.process_rows(logits, block)
+            self.history = mx.concatenate([self.history, block])
         arrays = self.score(logits, drafted, params)
         mx.eval(*(a for a in arrays if a is not None))
         return scores_from(*arrays)
@@ -140,6 +209,8 @@ class MLXBackend:
     def trim(self, n: int) -> None:
         for c in self.cache:
             c.trim(n)
+        if self.history is not None and n > 0:
+            self.history = self.history[: self.history.size - n]
 
     def cache_length(self) -> int:
         return self.cache[0].offset
@@ -154,12 +225,14 @@ def cost_key(model: Model) -> str:
         if isinstance(m, nn.QuantizedLinear) and name.startswith("model.layers.0.")
     ]
     layer = model.layers[0].self_attn
+    lora = sorted(name for name, m in model.named_modules() if hasattr(m, "lora_a"))  # adapters.py
     model_code = sorted({c.__module__ for c in type(model).__mro__ if c.__module__.startswith(__package__)})
     code = source_hash(passes, MLXBackend, lay_out_for_cpu, *(sys.modules[m] for m in model_code))
     group = distributed.model_group(model)
     return machine_key(
         "mlx", mx.__version__, str(mx.default_device()), code, repr(model.args),
-        str(layer.q_proj.weight.dtype), repr(sorted(quant)), *([f"ranks={group.size()}"] if group else []),
+        str(getattr(layer.q_proj, "linear", layer.q_proj).weight.dtype), repr(sorted(quant)),
+        *([f"ranks={group.size()}"] if group else []), *([repr(lora)] if lora else []),
     )
 
 

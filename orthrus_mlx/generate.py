@@ -1,14 +1,14 @@
 """The three generation layers over the MLX backend: token ids -> text stream -> string."""
 
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from typing import Any, Callable, Iterable, Iterator, List, Optional, Sequence, Union
 
 import mlx.core as mx
 from mlx_lm.generate import GenerationResponse as MLXGenerationResponse
 
 from . import distributed
-from .backend import MLXBackend, adaptive_block
+from .backend import LogitsProcessor, MLXBackend, adaptive_block, logits_processors
 from .core.policy import BlockPolicy
 from .core.sampling import SamplingParams
 from .core.step import DecodeStats, Step, as_token_list, eos_set, generate_steps, token_ids
@@ -29,6 +29,9 @@ def mlx_generate(
     block_size: Union[int, str, BlockPolicy, None] = None,
     prompt_cache: Optional[List[Any]] = None,
     stats: Optional[DecodeStats] = None,
+    history: Optional[Sequence[int]] = None,
+    logits_processors: Optional[List[LogitsProcessor]] = None,
+    **processing: Any,
 ) -> Iterator[int]:
     """Yield accepted token ids one at a time; output is exactly the base model's.
 
@@ -38,11 +41,15 @@ def mlx_generate(
     and running acceptance), or a policy object kept by the caller across
     generations. `prompt_cache` (from `model.make_cache()`) may already hold
     earlier tokens; then `prompt_tokens` are only the new ones, as in mlx-lm.
+    `processing`: the other `SamplingParams` fields (min_p, the penalties, logit_bias);
+    `logits_processors` and `history`: see `mlx_generate_steps`.
     """
-    params = SamplingParams(temperature, top_p, top_k, seed)
+    refuse_sampler(processing)
+    params = SamplingParams(temperature, top_p, top_k, seed, **processing)
     steps = mlx_generate_steps(
         model, prompt_tokens, eos_token_id, max_tokens, params,
         use_diffusion=use_diffusion, block_size=block_size, prompt_cache=prompt_cache,
+        history=history, logits_processors=logits_processors,
     )
     yield from token_ids(steps, stats)
 
@@ -59,20 +66,46 @@ def mlx_generate_steps(
     prompt_cache: Optional[List[Any]] = None,
     logprobs: bool = False,
     prompt_progress_callback: Optional[Callable[[int, int], None]] = None,
+    history: Optional[Sequence[int]] = None,
+    logits_processors: Optional[List[LogitsProcessor]] = None,
 ) -> Iterator[Step]:
     """`mlx_generate`'s decoding as `Step` records: which tokens were accepted drafts, and with
     `logprobs` each token's log-softmax row from the base model's own (prefill or verify) pass.
-    `prompt_progress_callback(done, total)`: as mlx-lm's, at the prefill's start, chunks and end."""
+    `prompt_progress_callback(done, total)`: as mlx-lm's, at the prefill's start, chunks and end.
+
+    `logits_processors` ((history, logits) -> logits, pure) run after those of `params`, on
+    both views at every position, seeing `history` (tokens before the prompt, e.g. those a
+    `prompt_cache` holds; none by default, as in mlx-lm), the prompt and the tokens so far."""
     cache = prompt_cache if prompt_cache is not None else model.make_cache()
     group = distributed.model_group(model)
     if group is not None and not params.greedy:
         params = replace(params, seed=distributed.shared_seed(params.seed, group))
+    processors = logits_processors_for(params, model.args.vocab_size) + list(logits_processors or [])
     yield from generate_steps(
         model,
-        lambda prompt, policy: MLXBackend(model, cache, params.seed, logprobs, prompt_progress_callback),
+        lambda prompt, policy: MLXBackend(
+            model, cache, params.seed, logprobs, prompt_progress_callback, processors, history or ()
+        ),
         lambda: adaptive_block(model),
         prompt_tokens, eos_token_id, max_tokens, params, use_diffusion, block_size,
     )
+
+
+def logits_processors_for(params: SamplingParams, vocab_size: int) -> List[LogitsProcessor]:
+    return logits_processors(params, vocab_size) if params.has_processors else []
+
+
+def refuse_sampler(kwargs: dict) -> None:
+    """mlx-lm's `sampler=` returns a token; exact speculative sampling needs the distribution."""
+    if "sampler" in kwargs:
+        raise ValueError(
+            "A custom sampler= cannot be used: exact speculative sampling needs each position's "
+            "distribution, not a drawn token. Pass temperature, top_p, top_k, min_p (and "
+            "logits_processors=) instead."
+        )
+
+
+SAMPLING_FIELDS = tuple(f.name for f in fields(SamplingParams))
 
 
 @dataclass
@@ -101,6 +134,7 @@ def stream_generate(
     `logprobs=True` fills each response's `logprobs` as mlx-lm does: the log-softmax over the
     vocabulary at the token's position, from the base model's pass (never the drafter's). Off
     by default, it costs a vocabulary-wide pass over every verified row."""
+    refuse_sampler(kwargs)
     if isinstance(prompt, str):
         prompt = tokenizer.encode(prompt, add_special_tokens=add_special_tokens(tokenizer, prompt))
     prompt = as_token_list(prompt)
@@ -113,7 +147,7 @@ def stream_generate(
     detokenizer.reset()
     tic = time.perf_counter()
     prompt_tps, n = 0.0, 0
-    sampling = SamplingParams(**{k: kwargs.pop(k) for k in ("temperature", "top_p", "top_k", "seed") if k in kwargs})
+    sampling = SamplingParams(**{k: kwargs.pop(k) for k in SAMPLING_FIELDS if k in kwargs})
     for step in mlx_generate_steps(model, prompt, eos, max_tokens, sampling, **kwargs):
         stats.record(step)
         if n == 0:

@@ -105,6 +105,11 @@ class TorchBackend:
         return categorical(log_probs(logits, params), self.generator)
 
     def prefill(self, tokens: Sequence[int], params: SamplingParams) -> int:
+        if params.has_processors or params.min_p > 0:
+            raise ValueError(
+                "min_p, repetition/presence/frequency penalties and logit_bias are not supported by "
+                "the PyTorch backend; use the MLX backend."
+            )
         tokens = list(tokens)
         with torch.inference_mode():
             while len(tokens) > PREFILL_STEP_SIZE:

@@ -54,6 +54,7 @@ def torch_generate(
     prompt_cache: Optional[KVCache] = None,
     stats: Optional[DecodeStats] = None,
     compile: bool = False,
+    **processing,
 ) -> Iterator[int]:
     """Yield accepted token ids one at a time; output is exactly the base model's.
 
@@ -61,9 +62,12 @@ def torch_generate(
     `prompt_cache` (from `model.make_cache(capacity)`) may already hold earlier tokens;
     then `prompt_tokens` are only the new ones. `compile` runs the per-step passes through
     torch.compile (CUDA graphs on a GPU); each new cache capacity compiles once, so reuse a
-    `prompt_cache` (`cache.reset()`) across generations.
+    `prompt_cache` (`cache.reset()`) across generations. `processing` (min_p, the penalties,
+    logit_bias) is refused: only the MLX backend runs logits processors.
     """
-    params = SamplingParams(temperature, top_p, top_k, seed)
+    if "sampler" in processing or "logits_processors" in processing:
+        raise ValueError("The PyTorch backend takes no sampler= or logits_processors=; use the MLX backend.")
+    params = SamplingParams(temperature, top_p, top_k, seed, **processing)  # TorchBackend refuses processors
 
     def make_backend(prompt: List[int], policy: BlockPolicy) -> TorchBackend:
         cache = prompt_cache
