@@ -105,6 +105,7 @@ class ChatSession:
             new,
             max_tokens=min(self.max_tokens, room),
             prompt_cache=self.cache.cache,
+            history=prompt[: len(prompt) - len(new)],  # processors see the whole conversation
             stats=stats,
             **self.generation,
         )

@@ -91,7 +91,38 @@ def add_sampling_arguments(parser: argparse.ArgumentParser, max_tokens: int) -> 
     parser.add_argument("--temp", type=float, default=0.0, help="Sampling temperature (0: greedy)")
     parser.add_argument("--top-p", type=float, default=1.0, help="Sampling top-p (1: off)")
     parser.add_argument("--top-k", type=int, default=0, help="Sampling top-k (0: off)")
+    parser.add_argument("--min-p", type=float, default=0.0, help="Sampling min-p (0: off)")
+    parser.add_argument(
+        "--min-tokens-to-keep", type=int, default=1, help="Minimum tokens to keep for min-p sampling"
+    )
     parser.add_argument("--seed", type=int, default=None, help="PRNG seed")
+    parser.add_argument(
+        "--repetition-penalty", type=float, default=0.0, help="Repetition penalty, e.g. 1.1 (0: off)"
+    )
+    parser.add_argument(
+        "--repetition-context-size", type=int, default=20, help="Tokens the repetition penalty looks back on"
+    )
+    parser.add_argument("--presence-penalty", type=float, default=0.0, help="Presence penalty (0: off)")
+    parser.add_argument(
+        "--presence-context-size", type=int, default=20, help="Tokens the presence penalty looks back on"
+    )
+    parser.add_argument("--frequency-penalty", type=float, default=0.0, help="Frequency penalty (0: off)")
+    parser.add_argument(
+        "--frequency-context-size", type=int, default=20, help="Tokens the frequency penalty looks back on"
+    )
+    parser.add_argument(
+        "--logit-bias",
+        type=json_object,
+        default=None,
+        help='Additive logit biases by token id, as a JSON object, e.g. \'{"42": 5.0}\'',
+    )
+    parser.add_argument(
+        "--extra-eos-token",
+        action="extend",
+        nargs="+",
+        default=[],
+        help="Tokens (text or id) that also end generation; repeatable",
+    )
     parser.add_argument(
         "--no-diffusion",
         action="store_true",
@@ -134,7 +165,27 @@ def sampling_params(args: argparse.Namespace) -> SamplingParams:
         raise ValueError(f"--seed must be in [0, 2**64), got {args.seed}")
     if args.max_tokens < 0:
         raise ValueError(f"--max-tokens must be >= 0, got {args.max_tokens}")
-    return SamplingParams(args.temp, args.top_p, args.top_k, args.seed)
+    return SamplingParams(args.temp, args.top_p, args.top_k, args.seed, **processing_kwargs(args))
+
+
+# The SamplingParams fields past temperature, top_p, top_k and seed; each is a flag of the same name.
+PROCESSING = (
+    "min_p", "min_tokens_to_keep", "repetition_penalty", "repetition_context_size", "presence_penalty",
+    "presence_context_size", "frequency_penalty", "frequency_context_size", "logit_bias",
+)
+
+
+def processing_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
+    """min-p and the logits processors' flags, as `mlx_generate` keywords (off where `args`,
+    built by hand, lacks them)."""
+    off = SamplingParams()
+    return {name: getattr(args, name, getattr(off, name)) for name in PROCESSING}
+
+
+def add_extra_eos(tokenizer, tokens: List[str]) -> None:
+    """`--extra-eos-token`: mlx-lm's `add_eos_token` (an id, or a token of the vocabulary)."""
+    for token in tokens:
+        tokenizer.add_eos_token(token)
 
 
 def command_block_size(flag: Union[int, str, None], temperature: float, seed: Optional[int], auto: Any = "auto"):
@@ -162,6 +213,7 @@ def generation_kwargs(args: argparse.Namespace, auto: Any = "auto") -> Dict[str,
         top_p=args.top_p,
         top_k=args.top_k,
         seed=args.seed,
+        **processing_kwargs(args),
         use_diffusion=not args.no_diffusion,
         block_size=command_block_size(args.block_size, args.temp, args.seed, auto),
     )
@@ -174,8 +226,10 @@ def template_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
     return kwargs
 
 
-def load_from_args(args: argparse.Namespace):
-    return load(args.model or DEFAULT_MODEL, dtype=args.dtype, drafter=args.drafter)
+def load_from_args(args: argparse.Namespace, **kwargs: Any):
+    model, tokenizer = load(args.model or DEFAULT_MODEL, dtype=args.dtype, drafter=args.drafter, **kwargs)
+    add_extra_eos(tokenizer, getattr(args, "extra_eos_token", []))
+    return model, tokenizer
 
 
 def chat_text(tokenizer, messages: List[Dict[str, Any]], template_args: Dict[str, Any], **extra: Any) -> str:

@@ -43,13 +43,14 @@ from ..core.sampling import SamplingParams
 from ..core.step import DecodeStats, check_context
 from ..distributed import world
 from ..generate import add_special_tokens, stream_generate
-from ..loader import DEFAULT_MODEL, load
+from ..loader import DEFAULT_MODEL
 from ..prompt_cache import PromptCachePool
 from ..prompt_disk import DiskTier
 from . import anthropic
 from .chat_output import ChatOutput
 from .errors import RequestError
 from .flags import (
+    PROCESSING,
     add_chat_template_arguments,
     add_model_arguments,
     add_sampling_arguments,
@@ -59,6 +60,7 @@ from .flags import (
     command_policy,
     generation_kwargs,
     load_from_args,
+    processing_kwargs,
     sampling_params,
     template_kwargs,
     with_system,
@@ -241,6 +243,7 @@ def parse_options(body: Dict[str, Any], defaults: argparse.Namespace) -> Dict[st
         top_k=_field(body, "top_k", (int,), defaults.top_k, lambda v: v >= 0, ">= 0"),
         seed=_field(body, "seed", (int,), defaults.seed, lambda v: 0 <= v < 2**64, "in [0, 2**64)"),
         n=_field(body, "n", (int,), 1, lambda v: v == 1, "1 (one choice per request)"),
+        **parse_processing(body, processing_kwargs(defaults)),
         model=_field(body, "model", (str,), None),
     )
     max_tokens = _field(body, "max_completion_tokens", (int,), None, lambda v: v >= 1, ">= 1")
@@ -257,6 +260,27 @@ def parse_options(body: Dict[str, Any], defaults: argparse.Namespace) -> Dict[st
     opts["stop"] = stop or []
     stream_options = _field(body, "stream_options", (dict,), {})
     opts["include_usage"] = bool(stream_options.get("include_usage", False))
+    return opts
+
+
+def parse_processing(body: Dict[str, Any], defaults: Dict[str, Any]) -> Dict[str, Any]:
+    """min_p and mlx_lm.server's logits-processor fields; the flags' values where absent."""
+    num = (int, float)
+    opts = dict(
+        min_p=_field(body, "min_p", num, defaults["min_p"], lambda v: 0 <= v <= 1, "in [0, 1]"),
+        repetition_penalty=_field(
+            body, "repetition_penalty", num, defaults["repetition_penalty"], lambda v: v >= 0, ">= 0"
+        ),
+        presence_penalty=_field(body, "presence_penalty", num, defaults["presence_penalty"]),
+        frequency_penalty=_field(body, "frequency_penalty", num, defaults["frequency_penalty"]),
+        logit_bias=_field(body, "logit_bias", (dict,), defaults["logit_bias"]),
+    )
+    for name in ("repetition_context_size", "presence_context_size", "frequency_context_size"):
+        opts[name] = _field(body, name, (int,), defaults[name], lambda v: v >= 1, ">= 1")
+    try:
+        SamplingParams(logit_bias=opts["logit_bias"])
+    except ValueError as e:
+        raise RequestError(str(e), param="logit_bias")
     return opts
 
 
@@ -486,9 +510,16 @@ class App:
         except ValueError as e:
             raise RequestError(str(e), param="max_tokens")
         try:
-            sampling = SamplingParams(opts["temperature"], opts["top_p"], opts["top_k"], opts["seed"])
+            sampling = SamplingParams(
+                opts["temperature"], opts["top_p"], opts["top_k"], opts["seed"],
+                **{name: opts[name] for name in PROCESSING if name in opts},
+                min_tokens_to_keep=processing_kwargs(self.defaults)["min_tokens_to_keep"],
+            )
         except ValueError as e:
             raise RequestError(str(e))
+        vocab = self.model.args.vocab_size
+        if any(t >= vocab for t in sampling.logit_bias or ()):
+            raise RequestError(f"'logit_bias' token ids must be in [0, {vocab})", param="logit_bias")
         return Request(
             prompt, max_tokens, sampling, opts["stream"], opts["include_usage"], opts["stop"],
             logprobs, top_logprobs, tools,
@@ -556,6 +587,7 @@ class App:
             top_p=req.sampling.top_p,
             top_k=req.sampling.top_k,
             seed=req.sampling.seed,
+            **{name: getattr(req.sampling, name) for name in PROCESSING},
             block_size=command_block_size(
                 self.defaults.block_size, req.sampling.temperature, req.sampling.seed, self.auto
             ),
@@ -569,6 +601,7 @@ class App:
             stats=stats,
             logprobs=req.logprobs,
             prompt_progress_callback=progress,
+            history=req.prompt[: len(req.prompt) - len(new)],  # processors see the whole prompt, cached or not
             **options,
         )
         logprobs: List[Dict[str, Any]] = []  # entries of tokens whose text has not gone out yet
@@ -1065,10 +1098,7 @@ def load_for_server(args: argparse.Namespace, chat_template: Optional[str]):
     the tool parser from it (as `mlx_lm.server --chat-template` does)."""
     if chat_template is None:
         return load_from_args(args)
-    return load(
-        args.model or DEFAULT_MODEL, dtype=args.dtype, drafter=args.drafter,
-        tokenizer_config={"chat_template": chat_template},
-    )
+    return load_from_args(args, tokenizer_config={"chat_template": chat_template})
 
 
 def check_chat_template(tokenizer, template: Dict[str, Any]) -> None:
