@@ -78,7 +78,7 @@ def test_bad_processor_flags_are_refused_before_loading(flags, message):
 
 def test_server_honours_processor_fields(tiny):
     model, tokenizer = tiny
-    processing = dict(logit_bias={300: 9.0}, repetition_penalty=1.6, presence_penalty=0.5, frequency_penalty=0.3)
+    processing = dict(logit_bias={300: 9.0}, repetition_penalty=1.6, presence_penalty=3.0, frequency_penalty=0.3)
     want = text(tokenizer, mlx_lm_tokens(model, tokenizer, **processing))
     body = {"prompt": PROMPT, "max_tokens": MAX_TOKENS, **processing, "logit_bias": {"300": 9.0}}
     with Served(model, tokenizer) as served:
