@@ -14,6 +14,7 @@ from mlx_lm.utils import dequantize_model, load_tokenizer
 from mlx_lm.utils import load_model as mlx_lm_load_model
 
 from . import distributed, gguf
+from .adapters import load_adapters
 from .core.checkpoint import (
     check_against_config,
     check_finite,
@@ -187,6 +188,7 @@ def load_all(
     lazy: bool = False,
     drafter: Union[str, Path, None] = None,
     group: Optional[distributed.Group] = None,
+    adapter_path: Union[str, Path, None] = None,
 ) -> Tuple[Model, Dict[str, Any], MakeTokenizer]:
     """Model, config and a tokenizer maker: what `load` and `load_model` share.
 
@@ -204,9 +206,13 @@ def load_all(
         set_dtype(model, config, dtype)
     group = group or distributed.world()
     if group.size() > 1:
+        if adapter_path is not None:
+            raise ValueError("LoRA adapters (adapter_path) are not supported on a model sharded over ranks")
         model.shard(group)
     if mx.default_device() == mx.cpu:
         lay_out_for_cpu(model)
+    if adapter_path is not None:
+        load_adapters(model, adapter_path)
     if not lazy:
         mx.eval(model.parameters())
         check_weights_finite(model, base_path, dtype)
@@ -222,12 +228,13 @@ def load_model(
     lazy: bool = False,
     drafter: Union[str, Path, None] = None,
     group: Optional[distributed.Group] = None,
+    adapter_path: Union[str, Path, None] = None,
 ) -> Tuple[Model, Dict[str, Any]]:
     """The model alone (no tokenizer), in the checkpoint's dtype unless `dtype` is given.
 
     Unless `lazy`, the weights are read and checked for NaN and inf (as cast to `dtype`).
     """
-    model, config, _ = load_all(path_or_repo, dtype, revision, lazy, drafter, group)
+    model, config, _ = load_all(path_or_repo, dtype, revision, lazy, drafter, group, adapter_path)
     return model, config
 
 
@@ -240,15 +247,17 @@ def load(
     return_config: bool = False,
     drafter: Union[str, Path, None] = None,
     group: Optional[distributed.Group] = None,
+    adapter_path: Union[str, Path, None] = None,
 ):
     """(model, tokenizer), like `mlx_lm.load`, from a folder, a Hugging Face repo id or a GGUF file.
 
     `drafter`: an adapter folder (or repo id) whose diffusion view is applied to the base.
+    `adapter_path`: an mlx-lm LoRA adapter folder applied to the base's AR view (`adapters.py`).
     `dtype`: cast every weight; a quantized base is dequantized to it.
     `group`: under `mlx.launch` (the default group has more than one rank), each rank loads
     only its shard of the heads and MLP (`Model.shard`); every rank must then run the same calls.
     """
-    model, config, make_tokenizer = load_all(path_or_repo, dtype, revision, lazy, drafter, group)
+    model, config, make_tokenizer = load_all(path_or_repo, dtype, revision, lazy, drafter, group, adapter_path)
     tokenizer = make_tokenizer(tokenizer_config)
     return (model, tokenizer, config) if return_config else (model, tokenizer)
 

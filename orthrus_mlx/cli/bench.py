@@ -381,7 +381,7 @@ def run(args: argparse.Namespace) -> int:
     prompts_path = Path(args.prompts) if args.prompts else prompts_folder / PROMPTS_FILE
     texts = load_prompts(prompts_path)[: args.num_prompts]
 
-    model, tokenizer = load(name, dtype=dtype, drafter=args.drafter)
+    model, tokenizer = load(name, dtype=dtype, drafter=args.drafter, adapter_path=args.adapter_path)
     if args.random_diffusion and model.has_diffusion:
         randomize_diffusion(model)
     block_sizes = parse_block_sizes(args.block_sizes, model.block_size)

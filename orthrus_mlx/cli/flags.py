@@ -82,6 +82,11 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="Drafter adapter folder or Hugging Face repo: its diffusion view is applied to --model",
     )
+    parser.add_argument(
+        "--adapter-path",
+        default=None,
+        help="mlx-lm LoRA adapter folder (adapter_config.json + adapters.safetensors) applied to the base",
+    )
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser, max_tokens: int) -> None:
@@ -227,7 +232,10 @@ def template_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
 
 
 def load_from_args(args: argparse.Namespace, **kwargs: Any):
-    model, tokenizer = load(args.model or DEFAULT_MODEL, dtype=args.dtype, drafter=args.drafter, **kwargs)
+    model, tokenizer = load(
+        args.model or DEFAULT_MODEL, dtype=args.dtype, drafter=args.drafter,
+        adapter_path=getattr(args, "adapter_path", None), **kwargs,
+    )
     add_extra_eos(tokenizer, getattr(args, "extra_eos_token", []))
     return model, tokenizer
 
