@@ -535,9 +535,9 @@ class App:
             raise RequestError(f"The chat template failed: {e}", param="messages")
 
     def batches(self, req: Request) -> bool:
-        """Whether `req` decodes in the batch: greedy without logprobs (sampled requests and
-        logprobs keep the one-at-a-time path, which also reuses prompt caches)."""
-        return self.batch is not None and req.sampling.greedy and not req.logprobs
+        """Whether `req` decodes in the batch: greedy without logprobs or logits processors (the
+        others keep the one-at-a-time path, which also reuses prompt caches)."""
+        return self.batch is not None and req.sampling.greedy and not req.logprobs and not req.sampling.has_processors
 
     def generate(
         self,
