@@ -20,10 +20,13 @@ from ..distributed import Group, broadcast_text, world
 from ..generate import stream_generate
 from ..prompt_cache import PromptCache
 from .flags import (
+    add_cache_arguments,
     add_chat_template_arguments,
     add_model_arguments,
     add_sampling_arguments,
+    cache_kwargs,
     chat_prompt,
+    check_cache_flags,
     command_policy,
     generation_kwargs,
     load_from_args,
@@ -78,7 +81,7 @@ class ChatSession:
     turns: List[Turn] = field(default_factory=list)
 
     def __post_init__(self):
-        self.cache = PromptCache(self.model)
+        self.cache = PromptCache(self.model, self.generation.get("max_kv_size"))
         self.context = self.model.args.max_position_embeddings
 
     def reset(self) -> None:
@@ -175,13 +178,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
     add_chat_template_arguments(parser)
     add_sampling_arguments(parser, max_tokens=512)
+    add_cache_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     sampling_params(args)
+    cache_kwargs(args)
     template = template_kwargs(args)
     check_text(args.system_prompt, "--system-prompt")
     model, tokenizer = load_from_args(args)
+    check_cache_flags(model, args)
     session = ChatSession(
         model,
         tokenizer,

@@ -6,10 +6,13 @@ import sys
 from ..distributed import broadcast_text, world
 from ..generate import generate
 from .flags import (
+    add_cache_arguments,
     add_chat_template_arguments,
     add_model_arguments,
     add_sampling_arguments,
+    cache_kwargs,
     chat_prompt,
+    check_cache_flags,
     command_policy,
     generation_kwargs,
     load_from_args,
@@ -36,6 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="Use the raw prompt without the tokenizer's chat template",
     )
     add_sampling_arguments(parser, DEFAULT_MAX_TOKENS)
+    add_cache_arguments(parser)
     parser.add_argument(
         "--verbose",
         type=str2bool,
@@ -48,6 +52,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     sampling_params(args)
+    cache_kwargs(args)
     kwargs = template_kwargs(args)
     check_text(args.system_prompt, "--system-prompt")
     prompt = check_text(args.prompt, "--prompt").replace("\\n", "\n").replace("\\t", "\t")
@@ -56,6 +61,7 @@ def run(args: argparse.Namespace) -> int:
         prompt = read_all(sys.stdin, "The prompt on stdin") if group.rank() == 0 else None
         prompt = broadcast_text(prompt, group) if group.size() > 1 else prompt
     model, tokenizer = load_from_args(args)
+    check_cache_flags(model, args)
     if not args.ignore_chat_template and tokenizer.has_chat_template:
         messages = with_system(args.system_prompt, [{"role": "user", "content": prompt}])
         prompt = chat_prompt(tokenizer, messages, kwargs)

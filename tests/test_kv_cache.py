@@ -1,0 +1,78 @@
+"""KV cache options against mlx-lm's own generate_step with the same options (greedy, token for token)."""
+
+import json
+
+import mlx.core as mx
+import pytest
+from mlx_lm.generate import generate_step
+from mlx_lm.models.cache import QuantizedKVCache
+
+from orthrus_mlx import load, mlx_generate
+from orthrus_mlx.backend import MLXBackend
+from orthrus_mlx.core.sampling import SamplingParams
+from orthrus_mlx.generate import mlx_generate_steps
+from orthrus_mlx.kv_cache import CacheOptions
+from orthrus_mlx.loader import DEFAULT_MODEL
+
+GROUP = 32  # the tiny model's head dimension; mlx-lm's default 64 does not divide it
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model, tokenizer = load(DEFAULT_MODEL)
+    prompts = json.loads((DEFAULT_MODEL / "heldout_prompts.json").read_text())
+    return model, [tokenizer.encode(p["text"])[:48] for p in prompts[:2]]
+
+
+def mlx_lm_greedy(model, prompt, max_tokens, **options):
+    return [int(t) for t, _ in generate_step(mx.array(prompt), model, max_tokens=max_tokens, **options)]
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quantized_cache_greedy_equals_mlx_lm(tiny, bits):
+    model, prompts = tiny
+    accepted, wants = 0, []
+    # Quantized from the prefill on, then from a position a block would straddle mid-decoding.
+    for prompt, start in zip(prompts, (0, len(prompts[1]) + 11)):
+        options = dict(kv_bits=bits, kv_group_size=GROUP, quantized_kv_start=start)
+        steps = list(mlx_generate_steps(model, prompt, None, 32, block_size=6, logprobs=True, **options))
+        got = [t for step in steps for t in step.tokens]
+        rows = mx.stack([row for step in steps for row in step.logprobs])
+        reference = list(generate_step(mx.array(prompt), model, max_tokens=32, **options))
+        want = [int(t) for t, _ in reference]
+        assert got == want, (bits, start)
+        # Each token's scores are those of AR decoding on the same quantized cache, not just its
+        # argmax: a pass that read full-precision keys where AR reads quantized ones is off by ~1e-2.
+        assert mx.abs(rows - mx.stack([lp for _, lp in reference])).max().item() < 1e-4
+        accepted += sum(step.accepted for step in steps)
+        wants.append(want)
+    assert accepted > 0, "no draft was accepted: the quantized verify path went untested"
+    if bits == 4:  # the quantization changes this text: the test tells the two caches apart
+        assert list(mlx_generate(model, prompts[0], None, 32, block_size=6)) != wants[0]
+
+
+def test_trim_after_partial_acceptance_keeps_exactly_the_committed_tokens(tiny):
+    model, prompts = tiny
+    options = CacheOptions(kv_bits=4, kv_group_size=GROUP, quantized_kv_start=0)
+    cache = model.make_cache()
+    backend = MLXBackend(model, cache, options=options)
+    greedy = SamplingParams()
+    token = backend.prefill(prompts[0], greedy)
+    assert isinstance(cache[0], QuantizedKVCache)
+    n = len(prompts[0])
+    for _ in range(12):  # until a step accepts some drafts but not all
+        scores = backend.verify(token, backend.draft(token, 8, greedy), greedy)
+        m = next((i for i, (d, a) in enumerate(zip(scores.draft, scores.target)) if d != a), 7)
+        backend.trim(8 - 1 - m)
+        n += m + 1
+        token = scores.target[m]
+        assert cache[0].offset == n
+        if 0 < m < 7:
+            break
+    else:
+        pytest.fail("no step accepted part of its drafts")
+    # What is kept is what AR decoding keeps: decoding on from this cache continues mlx-lm's text.
+    options = dict(kv_bits=4, kv_group_size=GROUP, quantized_kv_start=0)
+    want = prompts[0] + mlx_lm_greedy(model, prompts[0], n - len(prompts[0]) + 21, **options)
+    assert want[n] == token
+    assert list(mlx_generate(model, [token], None, 20, block_size=6, prompt_cache=cache, **options)) == want[n + 1:]
