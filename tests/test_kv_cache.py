@@ -5,10 +5,11 @@ import json
 import mlx.core as mx
 import pytest
 from mlx_lm.generate import generate_step
-from mlx_lm.models.cache import QuantizedKVCache
+from mlx_lm.models.cache import QuantizedKVCache, RotatingKVCache
 
 from orthrus_mlx import load, mlx_generate
 from orthrus_mlx.backend import MLXBackend
+from orthrus_mlx.cli import main
 from orthrus_mlx.core.sampling import SamplingParams
 from orthrus_mlx.generate import mlx_generate_steps
 from orthrus_mlx.kv_cache import CacheOptions
@@ -76,3 +77,22 @@ def test_trim_after_partial_acceptance_keeps_exactly_the_committed_tokens(tiny):
     want = prompts[0] + mlx_lm_greedy(model, prompts[0], n - len(prompts[0]) + 21, **options)
     assert want[n] == token
     assert list(mlx_generate(model, [token], None, 20, block_size=6, prompt_cache=cache, **options)) == want[n + 1:]
+
+
+def test_bounded_cache_in_ar_mode_equals_mlx_lm_rotating_cache(tiny):
+    model, prompts = tiny
+    prompt = prompts[0] + prompts[1]  # 96 tokens through a 40-entry cache, prefilled in chunks of 16
+    got = list(mlx_generate(model, prompt, None, 24, block_size=1, max_kv_size=40, prefill_step_size=16))
+    cache = [RotatingKVCache(max_size=40, keep=4) for _ in model.layers]  # mlx-lm's make_prompt_cache
+    want = mlx_lm_greedy(model, prompt, 24, prompt_cache=cache, prefill_step_size=16)
+    assert got == want
+    assert got != list(mlx_generate(model, prompt, None, 24, block_size=1)), "the bound changed nothing here"
+
+
+def test_bounded_cache_with_drafting_is_refused(tiny, capsys):
+    model, prompts = tiny
+    with pytest.raises(ValueError, match="--block-size 1"):
+        next(mlx_generate(model, prompts[0], None, 8, block_size=4, max_kv_size=40))
+    assert main(["generate", "--prompt", "x", "--max-kv-size", "64", "--max-tokens", "2"]) == 1
+    error = capsys.readouterr().err.strip()
+    assert error.count("\n") == 0 and "--block-size 1" in error
