@@ -7,6 +7,7 @@ import argparse
 import json
 from typing import Any, Dict, List, Optional, Union
 
+from .. import prompt_file
 from ..backend import adaptive_block
 from ..core.costs import user_store
 from ..core.dtypes import DTYPE_NAMES
@@ -140,6 +141,22 @@ def add_cache_arguments(parser: argparse.ArgumentParser) -> None:
         "--prefill-step-size", type=int, default=DEFAULT_PREFILL_STEP_SIZE,
         help=f"Prefill the prompt in chunks of this many tokens (default: {DEFAULT_PREFILL_STEP_SIZE})",
     )
+
+
+def add_prompt_cache_file_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--prompt-cache-file",
+        default=None,
+        help="A file from `orthrus-mlx cache-prompt`: its document, already prefilled, starts the prompt",
+    )
+
+
+def open_prompt_file(model, args: argparse.Namespace):
+    """The --prompt-cache-file's contents, checked against the model and the cache flags; None without one."""
+    if getattr(args, "prompt_cache_file", None) is None:
+        return None
+    group_size = args.kv_group_size if args.kv_bits is not None else None
+    return prompt_file.load(args.prompt_cache_file, model, args.kv_bits, group_size)
 
 
 CACHE_FLAGS = {
