@@ -1,6 +1,8 @@
 """KV cache options against mlx-lm's own generate_step with the same options (greedy, token for token)."""
 
+import importlib
 import json
+from contextlib import contextmanager
 
 import mlx.core as mx
 import pytest
@@ -96,3 +98,25 @@ def test_bounded_cache_with_drafting_is_refused(tiny, capsys):
     assert main(["generate", "--prompt", "x", "--max-kv-size", "64", "--max-tokens", "2"]) == 1
     error = capsys.readouterr().err.strip()
     assert error.count("\n") == 0 and "--block-size 1" in error
+
+
+def test_chunked_prefill_gives_the_same_tokens_and_mlx_lm_progress_calls(tiny, monkeypatch):
+    model, prompts = tiny
+    prompt = prompts[0] + prompts[1]
+    calls, theirs = [], []
+    wired = []
+
+    @contextmanager
+    def recording_wired_limit(model, streams=None):
+        wired.append("enter")
+        yield
+        wired.append("exit")
+
+    monkeypatch.setattr(importlib.import_module("orthrus_mlx.generate"), "wired_limit", recording_wired_limit)
+    got = list(mlx_generate(model, prompt, None, 12, block_size=4, prefill_step_size=16,
+                            prompt_progress_callback=lambda *a: calls.append(a)))
+    assert wired == ["enter", "exit"]
+    assert got == list(mlx_generate(model, prompt, None, 12, block_size=4))  # one chunk of 95, then 1
+    want = mlx_lm_greedy(model, prompt, 12, prefill_step_size=16, prompt_progress_callback=lambda *a: theirs.append(a))
+    assert got == want
+    assert calls == theirs == [(0, 96), (16, 96), (32, 96), (48, 96), (64, 96), (80, 96), (95, 96), (96, 96)]
