@@ -8,8 +8,9 @@ with mlx-lm's rule, so that Orthrus' output equals mlx-lm's `generate_step` with
 from dataclasses import dataclass
 from typing import Any, List, Optional, Union
 
+from mlx.utils import tree_map
 from mlx_lm.generate import DEFAULT_QUANTIZED_KV_START, maybe_quantize_kv_cache  # noqa: F401 (re-exported)
-from mlx_lm.models.cache import QuantizedKVCache, RotatingKVCache
+from mlx_lm.models.cache import KVCache, QuantizedKVCache, RotatingKVCache
 
 KV_BITS = (4, 8)
 DEFAULT_KV_GROUP_SIZE = 64
@@ -101,3 +102,19 @@ def check_rotating(cache: List[Any], drafting: bool) -> None:
             "A bounded KV cache (max_kv_size) cannot be trimmed exactly after a rejected draft: "
             "use it with --block-size 1 (plain AR decoding, block_size=1)."
         )
+
+
+def held_prefix(c: Any, n: int) -> Optional[Any]:
+    """A new cache of `c`'s kind holding its first `n` entries (sharing its arrays: a cache writes
+    by slice assignment, so neither holder sees the other's writes), or None for a cache whose
+    entries are not in position order (a rotating one)."""
+    if type(c) is KVCache:
+        prefix = KVCache()
+    elif type(c) is QuantizedKVCache:
+        prefix = QuantizedKVCache(c.group_size, c.bits)
+    else:
+        return None
+    if c.keys is not None and n > 0:
+        prefix.keys, prefix.values = tree_map(lambda x: x[..., :n, :], (c.keys, c.values))
+        prefix.offset = n
+    return prefix

@@ -3,10 +3,9 @@
 from typing import Any, List, Optional, Sequence
 
 import mlx.core as mx
-from mlx.utils import tree_map
-from mlx_lm.models.cache import KVCache, QuantizedKVCache, can_trim_prompt_cache
+from mlx_lm.models.cache import can_trim_prompt_cache
 
-from .kv_cache import make_cache
+from .kv_cache import held_prefix, make_cache
 from .models.qwen3 import Model
 
 
@@ -87,13 +86,9 @@ class PromptCache:
         """
         other = PromptCache(self.model, self.max_kv_size)
         n = min(n, len(self.tokens))
-        if n > 0 and all(type(c) in (KVCache, QuantizedKVCache) for c in self.cache):
-            for i, mine in enumerate(self.cache):
-                theirs = type(mine)() if type(mine) is KVCache else QuantizedKVCache(mine.group_size, mine.bits)
-                theirs.keys, theirs.values = tree_map(lambda x: x[..., :n, :], (mine.keys, mine.values))
-                theirs.offset = n
-                other.cache[i] = theirs
-            other.tokens = self.tokens[:n]
+        prefix = [held_prefix(c, n) for c in self.cache]
+        if n > 0 and None not in prefix:
+            other.cache, other.tokens = prefix, self.tokens[:n]
         return other  # a rotating cache is not forked: the branch is prefilled afresh
 
 

@@ -7,31 +7,16 @@ keys and values are a function of the base's weights, so a file made by another 
 another dtype or quantization of it) would silently give another model's answers, and is refused.
 """
 
-import hashlib
 import json
 from dataclasses import dataclass
 from typing import Any, List, Optional, Sequence
 
-from mlx.utils import tree_flatten
 from mlx_lm.models.cache import QuantizedKVCache, load_prompt_cache, save_prompt_cache
 
-from .drafter import describe_base
 from .prompt_cache import PromptCache
+from .prompt_disk import model_fingerprint
 
-FORMAT = "orthrus-mlx prompt cache 1"
-
-
-def model_fingerprint(model: Any) -> str:
-    """sha256 of what the cache depends on: the base's shapes and weight fingerprint, and every
-    AR-view parameter's name, shape and dtype (the drafter's tensors are left out: drafting
-    never writes the cache, so one file serves a model with or without its drafter)."""
-    layout = sorted(
-        (name, list(value.shape), str(value.dtype))
-        for name, value in tree_flatten(model.parameters())
-        if "_diff" not in name
-    )
-    text = json.dumps({"base": describe_base(model), "parameters": layout}, sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()
+FORMAT = "orthrus-mlx prompt file 1"
 
 
 def save(path: str, cache: List[Any], tokens: Sequence[int], text: str, model: Any, model_name: str = "") -> None:

@@ -16,6 +16,8 @@ from orthrus_mlx.core.sampling import SamplingParams
 from orthrus_mlx.generate import mlx_generate_steps
 from orthrus_mlx.kv_cache import CacheOptions
 from orthrus_mlx.loader import DEFAULT_MODEL
+from orthrus_mlx.prompt_cache import PromptCache
+from orthrus_mlx.prompt_disk import DiskTier
 
 GROUP = 32  # the tiny model's head dimension; mlx-lm's default 64 does not divide it
 
@@ -120,3 +122,22 @@ def test_chunked_prefill_gives_the_same_tokens_and_mlx_lm_progress_calls(tiny, m
     want = mlx_lm_greedy(model, prompt, 12, prefill_step_size=16, prompt_progress_callback=lambda *a: theirs.append(a))
     assert got == want
     assert calls == theirs == [(0, 96), (16, 96), (32, 96), (48, 96), (64, 96), (80, 96), (95, 96), (96, 96)]
+
+
+def test_a_quantized_conversation_cache_forks_and_goes_to_disk_and_back(tiny, tmp_path):
+    model, prompts = tiny
+    options = dict(kv_bits=8, kv_group_size=GROUP, quantized_kv_start=0, block_size=4)
+    pc = PromptCache(model)
+    emitted = list(mlx_generate(model, pc.prepare(prompts[0]), None, 8, prompt_cache=pc.cache, **options))
+    pc.commit(prompts[0], emitted)
+    assert isinstance(pc.cache[0], QuantizedKVCache)
+    disk = DiskTier(tmp_path, model, 10**9)
+    disk.save(pc)
+    key, shared = disk.find(prompts[0] + emitted)
+    assert shared == len(pc.tokens)
+    for copy in (pc.fork(30), disk.load(key)):
+        follow = prompts[0] + emitted[:3] if len(copy.tokens) == 30 else prompts[0] + emitted
+        new = copy.prepare(follow)
+        assert isinstance(copy.cache[0], QuantizedKVCache) and len(new) < len(follow) // 2
+        got = list(mlx_generate(model, new, None, 6, prompt_cache=copy.cache, **options))
+        assert got == mlx_lm_greedy(model, follow, 6, kv_bits=8, kv_group_size=GROUP, quantized_kv_start=0)
