@@ -509,8 +509,12 @@ class App:
 
     def batches(self, req: Request) -> bool:
         """Whether `req` decodes in the batch: greedy without logprobs (sampled requests and
-        logprobs keep the one-at-a-time path, which also reuses prompt caches)."""
-        return self.batch is not None and req.sampling.greedy and not req.logprobs
+        logprobs keep the one-at-a-time path, which also reuses prompt caches). The batch's cache
+        has none of the KV cache flags (--kv-bits, --max-kv-size): with them, every request
+        takes the one-at-a-time path rather than have its flags ignored."""
+        flags = self.defaults
+        plain_cache = getattr(flags, "kv_bits", None) is None and getattr(flags, "max_kv_size", None) is None
+        return self.batch is not None and plain_cache and req.sampling.greedy and not req.logprobs
 
     def generate(
         self,
