@@ -12,12 +12,11 @@ from .core.costs import CostStore, adaptive_policy, machine_key, source_hash
 from .core.policy import AdaptiveBlock
 from .core.sampling import SamplingParams
 from .core.step import Scores
+from .kv_cache import CacheOptions, block_room, maybe_quantize
 from .loader import lay_out_for_cpu
 from .models.qwen3 import Model
 
-PREFILL_STEP_SIZE = 2048
 LogitsProcessor = Callable[[mx.array, mx.array], mx.array]  # (history, logits [1, vocab]) -> logits
-
 
 def log_probs(logits: mx.array, params: SamplingParams) -> mx.array:
     """min-p, temperature, top-k, top-p; the same processing for both views.
@@ -81,13 +80,15 @@ class MLXBackend:
         seed: Optional[int] = None,
         logprobs: bool = False,
         progress: Optional[Callable[[int, int], None]] = None,
+        options: CacheOptions = CacheOptions(),
         processors: Sequence[LogitsProcessor] = (),
         history: Sequence[int] = (),
     ):
         self.model = model
+        self.cache = cache  # a list the quantization replaces entries of, in place (as mlx-lm's)
+        self.options = options
         self.processors = list(processors)
         self.history = mx.array(list(history), dtype=mx.int32) if self.processors else None
-        self.cache = cache
         self.logprobs = logprobs
         self.progress = progress or (lambda done, total: None)  # (prompt tokens prefilled, total), as mlx-lm
         self.prefill_logprobs: Optional[mx.array] = None
@@ -121,17 +122,23 @@ class MLXBackend:
         return mx.random.categorical(lp, key=self.next_key()).astype(mx.int32)
 
     def prefill(self, tokens: Sequence[int], params: SamplingParams) -> int:
+        # mlx-lm's generate_step order: all but the last token in chunks, the cache quantized
+        # after each, then the last token alone; a quantized cache then equals mlx-lm's.
         tokens = mx.array(tokens, dtype=mx.int32)
-        total = tokens.size
+        total, step = tokens.size, self.options.prefill_step_size
         if self.processors:
             self.history = mx.concatenate([self.history, tokens])
         self.progress(0, total)
-        while tokens.size > PREFILL_STEP_SIZE:
-            self.model(tokens[None, :PREFILL_STEP_SIZE], cache=self.cache)
+        while tokens.size > 1:
+            chunk = min(step, tokens.size - 1)
+            self.model(tokens[None, :chunk], cache=self.cache)
+            maybe_quantize(self.cache, self.options)
             mx.eval([c.state for c in self.cache])
-            tokens = tokens[PREFILL_STEP_SIZE:]
+            tokens = tokens[chunk:]
             self.progress(total - tokens.size, total)
+            mx.clear_cache()
         logits = self.model(tokens[None], cache=self.cache)[0, -1]
+        maybe_quantize(self.cache, self.options)
         if self.processors:
             logits = self.process(self.history, logits[None])[0]
         if self.logprobs:
@@ -211,6 +218,10 @@ class MLXBackend:
             c.trim(n)
         if self.history is not None and n > 0:
             self.history = self.history[: self.history.size - n]
+        maybe_quantize(self.cache, self.options)  # the end of a step, where mlx-lm quantizes
+
+    def block_room(self) -> Optional[int]:
+        return block_room(self.cache, self.options)
 
     def cache_length(self) -> int:
         return self.cache[0].offset

@@ -5,6 +5,7 @@ from dataclasses import dataclass, fields, replace
 from typing import Any, Callable, Iterable, Iterator, List, Optional, Sequence, Union
 
 import mlx.core as mx
+from mlx_lm.generate import DEFAULT_QUANTIZED_KV_START, wired_limit
 from mlx_lm.generate import GenerationResponse as MLXGenerationResponse
 
 from . import distributed
@@ -12,8 +13,17 @@ from .backend import LogitsProcessor, MLXBackend, adaptive_block, logits_process
 from .core.policy import BlockPolicy
 from .core.sampling import SamplingParams
 from .core.step import DecodeStats, Step, as_token_list, eos_set, generate_steps, token_ids
+from .kv_cache import (
+    DEFAULT_KV_GROUP_SIZE,
+    DEFAULT_PREFILL_STEP_SIZE,
+    CacheOptions,
+    check_rotating,
+    drafts,
+    make_cache,
+)
 from .models.qwen3 import Model
 
+CLEAR_CACHE_EVERY = 256  # tokens, as mlx-lm's generate_step
 
 def mlx_generate(
     model: Model,
@@ -29,6 +39,12 @@ def mlx_generate(
     block_size: Union[int, str, BlockPolicy, None] = None,
     prompt_cache: Optional[List[Any]] = None,
     stats: Optional[DecodeStats] = None,
+    kv_bits: Optional[int] = None,
+    kv_group_size: int = DEFAULT_KV_GROUP_SIZE,
+    quantized_kv_start: int = DEFAULT_QUANTIZED_KV_START,
+    max_kv_size: Optional[int] = None,
+    prefill_step_size: int = DEFAULT_PREFILL_STEP_SIZE,
+    prompt_progress_callback: Optional[Callable[[int, int], None]] = None,
     history: Optional[Sequence[int]] = None,
     logits_processors: Optional[List[LogitsProcessor]] = None,
     **processing: Any,
@@ -41,6 +57,12 @@ def mlx_generate(
     and running acceptance), or a policy object kept by the caller across
     generations. `prompt_cache` (from `model.make_cache()`) may already hold
     earlier tokens; then `prompt_tokens` are only the new ones, as in mlx-lm.
+
+    The cache options are mlx-lm's `generate_step`'s, and the output equals its greedy output
+    with the same options: `kv_bits` (4 or 8) quantizes each layer's cache once it holds
+    `quantized_kv_start` entries, in groups of `kv_group_size`; `max_kv_size` bounds the cache
+    (a rotating one: AR decoding only, `block_size=1`); the prompt is prefilled in chunks of
+    `prefill_step_size` tokens, `prompt_progress_callback(done, total)` hearing of each.
     `processing`: the other `SamplingParams` fields (min_p, the penalties, logit_bias);
     `logits_processors` and `history`: see `mlx_generate_steps`.
     """
@@ -49,6 +71,9 @@ def mlx_generate(
     steps = mlx_generate_steps(
         model, prompt_tokens, eos_token_id, max_tokens, params,
         use_diffusion=use_diffusion, block_size=block_size, prompt_cache=prompt_cache,
+        kv_bits=kv_bits, kv_group_size=kv_group_size, quantized_kv_start=quantized_kv_start,
+        max_kv_size=max_kv_size, prefill_step_size=prefill_step_size,
+        prompt_progress_callback=prompt_progress_callback,
         history=history, logits_processors=logits_processors,
     )
     yield from token_ids(steps, stats)
@@ -68,6 +93,11 @@ def mlx_generate_steps(
     prompt_progress_callback: Optional[Callable[[int, int], None]] = None,
     history: Optional[Sequence[int]] = None,
     logits_processors: Optional[List[LogitsProcessor]] = None,
+    kv_bits: Optional[int] = None,
+    kv_group_size: int = DEFAULT_KV_GROUP_SIZE,
+    quantized_kv_start: int = DEFAULT_QUANTIZED_KV_START,
+    max_kv_size: Optional[int] = None,
+    prefill_step_size: int = DEFAULT_PREFILL_STEP_SIZE,
 ) -> Iterator[Step]:
     """`mlx_generate`'s decoding as `Step` records: which tokens were accepted drafts, and with
     `logprobs` each token's log-softmax row from the base model's own (prefill or verify) pass.
@@ -75,20 +105,32 @@ def mlx_generate_steps(
 
     `logits_processors` ((history, logits) -> logits, pure) run after those of `params`, on
     both views at every position, seeing `history` (tokens before the prompt, e.g. those a
-    `prompt_cache` holds; none by default, as in mlx-lm), the prompt and the tokens so far."""
-    cache = prompt_cache if prompt_cache is not None else model.make_cache()
+    `prompt_cache` holds; none by default, as in mlx-lm), the prompt and the tokens so far.
+    The cache options: see `mlx_generate`."""
+    options = CacheOptions(kv_bits, kv_group_size, quantized_kv_start, max_kv_size, prefill_step_size)
+    options.check_head_dim(model)
+    cache = prompt_cache if prompt_cache is not None else make_cache(model, max_kv_size)
+    check_rotating(cache, drafts(model, use_diffusion, block_size))
     group = distributed.model_group(model)
     if group is not None and not params.greedy:
         params = replace(params, seed=distributed.shared_seed(params.seed, group))
     processors = logits_processors_for(params, model.args.vocab_size) + list(logits_processors or [])
-    yield from generate_steps(
+    steps = generate_steps(
         model,
         lambda prompt, policy: MLXBackend(
-            model, cache, params.seed, logprobs, prompt_progress_callback, processors, history or ()
+            model, cache, params.seed, logprobs, prompt_progress_callback, options, processors, history or ()
         ),
         lambda: adaptive_block(model),
         prompt_tokens, eos_token_id, max_tokens, params, use_diffusion, block_size,
     )
+    # mlx-lm's Metal habits: the weights wired for the generation, the buffer cache freed now and then.
+    with wired_limit(model):
+        emitted = 0
+        for step in steps:
+            yield step
+            emitted += len(step.tokens)
+            if emitted // CLEAR_CACHE_EVERY != (emitted - len(step.tokens)) // CLEAR_CACHE_EVERY:
+                mx.clear_cache()
 
 
 def logits_processors_for(params: SamplingParams, vocab_size: int) -> List[LogitsProcessor]:

@@ -17,6 +17,7 @@ from typing import Any, Callable, List, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx_lm.models.base import scaled_dot_product_attention
 
 from .core.step import per_model
 from .models.diffusion import DiffusionModel as Model
@@ -124,8 +125,10 @@ class CompiledPasses:
             if draft:
                 c.trim(L)  # the block's slots are free again; see Attention.draft
             mask = "causal" if L > 1 and not draft else None
-            attended = mx.fast.scaled_dot_product_attention(
-                queries, keys, values, scale=layer.self_attn.scale, mask=mask
+            # mlx-lm's dispatch: on a QuantizedKVCache it attends over the packed keys and
+            # values directly (quantized matmuls), never a dequantized copy of the cache.
+            attended = scaled_dot_product_attention(
+                queries, keys, values, cache=c, scale=layer.self_attn.scale, mask=mask
             )
             if i + 1 < len(self.layers):
                 h, queries, keys, values = self.between[view][i](h, attended, angles)

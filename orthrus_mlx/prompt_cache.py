@@ -3,7 +3,9 @@
 from typing import Any, List, Optional, Sequence
 
 import mlx.core as mx
+from mlx_lm.models.cache import can_trim_prompt_cache
 
+from .kv_cache import held_prefix, make_cache
 from .models.qwen3 import Model
 
 
@@ -24,12 +26,12 @@ class PromptCache:
     generation that raised, drop the cache instead: it may hold a half-built graph.
     """
 
-    def __init__(self, model: Model):
-        self.model = model
+    def __init__(self, model: Model, max_kv_size: Optional[int] = None):
+        self.model, self.max_kv_size = model, max_kv_size
         self.reset()
 
     def reset(self) -> None:
-        self.cache: List[Any] = self.model.make_cache()
+        self.cache: List[Any] = make_cache(self.model, self.max_kv_size)
         self.tokens: List[int] = []
 
     def __len__(self) -> int:
@@ -50,6 +52,9 @@ class PromptCache:
         if keep == len(prompt):
             keep -= 1
         keep = max(keep, 0)
+        if keep < len(self.tokens) and not can_trim_prompt_cache(self.cache):
+            self.reset()  # a rotating cache that has wrapped cannot be cut back: start afresh
+            keep = 0
         self._truncate(keep)
         return prompt[keep:]
 
@@ -65,7 +70,7 @@ class PromptCache:
         self._truncate(min(held, len(known)))
         # MLX runs a graph on the stream of the thread that built it; evaluate it now, so
         # that the next request, maybe on another thread, finds plain data.
-        mx.eval([(c.keys, c.values) for c in self.cache if c.keys is not None])
+        mx.eval([c.state for c in self.cache if not c.empty()])
 
     def _truncate(self, n: int) -> None:
         for c in self.cache:
@@ -79,14 +84,12 @@ class PromptCache:
         Sharing is safe: a KV cache writes by slice assignment, which gives the
         writer a new array and leaves every other holder's data as it was.
         """
-        other = PromptCache(self.model)
+        other = PromptCache(self.model, self.max_kv_size)
         n = min(n, len(self.tokens))
-        if n > 0:
-            for mine, theirs in zip(self.cache, other.cache):
-                theirs.keys, theirs.values = mine.keys[..., :n, :], mine.values[..., :n, :]
-                theirs.offset = n
-            other.tokens = self.tokens[:n]
-        return other
+        prefix = [held_prefix(c, n) for c in self.cache]
+        if n > 0 and None not in prefix:
+            other.cache, other.tokens = prefix, self.tokens[:n]
+        return other  # a rotating cache is not forked: the branch is prefilled afresh
 
 
 class PromptCachePool:
@@ -99,12 +102,14 @@ class PromptCachePool:
     prompt that shares more with an entry on disk than with any cache in memory loads it back.
     """
 
-    def __init__(self, model: Model, size: int = 4, max_bytes: Optional[int] = None, disk=None):
+    def __init__(self, model: Model, size: int = 4, max_bytes: Optional[int] = None, disk=None,
+                 max_kv_size: Optional[int] = None):
         if size < 1:
             raise ValueError(f"The prompt cache pool needs at least one cache, got {size}")
         if max_bytes is not None and max_bytes < 1:
             raise ValueError(f"The prompt cache pool's byte bound must be >= 1, got {max_bytes}")
         self.model, self.size, self.max_bytes, self.disk = model, size, max_bytes, disk
+        self.max_kv_size = max_kv_size
         self.caches: List[PromptCache] = []  # least recently used first
 
     def __len__(self) -> int:
@@ -124,7 +129,7 @@ class PromptCachePool:
             self.caches.append(best)
             return best
         else:
-            best = best.fork(shared) if best is not None else PromptCache(self.model)
+            best = best.fork(shared) if best is not None else PromptCache(self.model, self.max_kv_size)
         if len(self.caches) >= self.size:
             self._evict(self.caches[0])
         self.caches.append(best)

@@ -13,13 +13,14 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
-from mlx_lm.models.cache import KVCache, load_prompt_cache, save_prompt_cache
+from mlx_lm.models.cache import QuantizedKVCache, load_prompt_cache, save_prompt_cache
 
+from .kv_cache import held_prefix
 from .models.diffusion import linear_shape
 from .prompt_cache import PromptCache, common_prefix_length
 
@@ -40,15 +41,10 @@ def model_fingerprint(model) -> str:
     return digest.hexdigest()[:32]
 
 
-def held_only(pc: PromptCache) -> List[KVCache]:
-    """`pc`'s caches cut to the positions they hold (a KVCache grows in steps of 256)."""
-    cut = []
-    for c in pc.cache:
-        n = c.offset
-        copy = KVCache()
-        copy.state = (c.keys[..., :n, :], c.values[..., :n, :], n)
-        cut.append(copy)
-    return cut
+def held_only(pc: PromptCache) -> List[Any]:
+    """`pc`'s caches cut to the positions they hold (a KVCache grows in steps of 256); None
+    entries for caches that cannot be cut (rotating ones), which are not kept on disk."""
+    return [held_prefix(c, c.offset) for c in pc.cache]
 
 
 class DiskTier:
@@ -108,10 +104,13 @@ class DiskTier:
         tokens = list(pc.tokens)
         if not tokens or any(common_prefix_length(t, tokens) == len(tokens) for t in self.entries.values()):
             return
+        held = held_only(pc)
+        if None in held:
+            return
         key = hashlib.sha256(json.dumps(tokens).encode()).hexdigest()[:32]
         temporary = self.folder / f"{key}.partial.safetensors"
         try:
-            save_prompt_cache(str(temporary), held_only(pc), {"format": FORMAT, "model": self.fingerprint})
+            save_prompt_cache(str(temporary), held, {"format": FORMAT, "model": self.fingerprint})
             os.replace(temporary, self.folder / f"{key}.safetensors")
             index = self.folder / f"{key}.json.partial"
             index.write_text(json.dumps({"format": FORMAT, "model": self.fingerprint, "tokens": tokens}))
@@ -154,9 +153,12 @@ class DiskTier:
             attention = layer.self_attn
             head_dim = linear_shape(attention.k_proj)[0] // attention.n_kv_heads
             shape = (1, attention.n_kv_heads, length, head_dim)
-            if type(c) is not type(e) or c.offset != length or c.keys is None:
+            if type(c) not in (type(e), QuantizedKVCache) or c.offset != length or c.keys is None:
                 raise ValueError("its caches do not match the model's")
-            if tuple(c.keys.shape) != shape or tuple(c.values.shape) != shape:
+            if isinstance(c, QuantizedKVCache):  # packed: the last dimension is not head_dim
+                if tuple(c.keys[0].shape[:3]) != shape[:3] or tuple(c.values[0].shape[:3]) != shape[:3]:
+                    raise ValueError(f"quantized keys of shape {tuple(c.keys[0].shape)}, expected {shape[:3]}")
+            elif tuple(c.keys.shape) != shape or tuple(c.values.shape) != shape:
                 raise ValueError(f"keys of shape {tuple(c.keys.shape)}, expected {shape}")
 
     def _size(self, key: str) -> int:

@@ -7,7 +7,7 @@ import http.client
 import pytest
 
 from http_helpers import request
-from orthrus_mlx import backend, generate, load
+from orthrus_mlx import generate, load
 from orthrus_mlx.cli import main
 from orthrus_mlx.cli.flags import chat_prompt
 from orthrus_mlx.cli.server import byte_size, load_for_server, read_chat_template
@@ -67,12 +67,11 @@ def test_cors_for_listed_origins_only(model_tokenizer):
             assert status == 204 and "access-control-allow-origin" not in headers
 
 
-def test_keepalive_comments_during_a_chunked_prefill(model_tokenizer, monkeypatch):
+def test_keepalive_comments_during_a_chunked_prefill(model_tokenizer):
     """As mlx_lm.server: `: keepalive done/total` at the prefill's start, each chunk and end."""
     model, tokenizer = model_tokenizer
-    monkeypatch.setattr(backend, "PREFILL_STEP_SIZE", 8)
     messages = [{"role": "user", "content": "Tell me about the rivers of Europe, briefly."}]
-    with Served(model, tokenizer) as served:
+    with Served(model, tokenizer, prefill_step_size=8) as served:
         body = {"messages": messages, "max_tokens": 6, "stream": True, "stream_options": {"include_usage": True}}
         status, data = request(served.address, "POST", CHAT, body)
         assert status == 200
@@ -80,7 +79,7 @@ def test_keepalive_comments_during_a_chunked_prefill(model_tokenizer, monkeypatc
         usage = answer.events[-1]["usage"]
         total = usage["prompt_tokens"] - usage["prompt_tokens_details"]["cached_tokens"]
         assert total > 24
-        done = [0] + list(range(8, total, 8)) + [total]
+        done = [0] + list(range(8, total - 1, 8)) + [total - 1, total]  # the last token alone, as mlx-lm
         assert answer.comments == [f": keepalive {n}/{total}" for n in done]
         # After the role event, before any text: the prefill comes first.
         assert answer.blocks[1: 1 + len(done)] == answer.comments

@@ -17,6 +17,7 @@ COMMANDS = {
     "generate": ("orthrus_mlx.cli.generate", "Generate text from a prompt"),
     "chat": ("orthrus_mlx.cli.chat", "Chat in the terminal, reusing the KV cache across turns"),
     "server": ("orthrus_mlx.cli.server", "OpenAI-compatible HTTP server"),
+    "cache-prompt": ("orthrus_mlx.cli.cache_prompt", "Prefill a long prompt once and save its KV cache to a file"),
     "convert": ("orthrus_convert.cli", "Convert a Hugging Face checkpoint to MLX"),
     "bench": ("orthrus_mlx.cli.bench", "Benchmark diffusion drafting against plain decoding"),
 }

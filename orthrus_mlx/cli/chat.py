@@ -20,13 +20,18 @@ from ..distributed import Group, broadcast_text, world
 from ..generate import stream_generate
 from ..prompt_cache import PromptCache
 from .flags import (
+    add_cache_arguments,
     add_chat_template_arguments,
     add_model_arguments,
+    add_prompt_cache_file_argument,
     add_sampling_arguments,
+    cache_kwargs,
     chat_prompt,
+    check_cache_flags,
     command_policy,
     generation_kwargs,
     load_from_args,
+    open_prompt_file,
     sampling_params,
     template_kwargs,
     with_system,
@@ -76,9 +81,10 @@ class ChatSession:
     system_prompt: Optional[str] = None
     messages: List[Dict[str, str]] = field(default_factory=list)
     turns: List[Turn] = field(default_factory=list)
+    document: str = ""  # a --prompt-cache-file's text: the start of the first user message
 
     def __post_init__(self):
-        self.cache = PromptCache(self.model)
+        self.cache = PromptCache(self.model, self.generation.get("max_kv_size"))
         self.context = self.model.args.max_position_embeddings
 
     def reset(self) -> None:
@@ -89,7 +95,8 @@ class ChatSession:
         self, message: str, should_stop: Callable[[], bool] = lambda: False
     ) -> Iterator[str]:
         """Stream the answer's text; its figures are `self.turns[-1]` once the stream ends."""
-        messages = self.messages + [{"role": "user", "content": message}]
+        content = self.document + message if not self.messages else message
+        messages = self.messages + [{"role": "user", "content": content}]
         prompt = chat_prompt(self.tokenizer, with_system(self.system_prompt, messages), self.template)
         try:
             check_context(len(prompt), 1, self.context)  # room for one token at least
@@ -176,13 +183,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
     add_chat_template_arguments(parser)
     add_sampling_arguments(parser, max_tokens=512)
+    add_cache_arguments(parser)
+    add_prompt_cache_file_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     sampling_params(args)
+    cache_kwargs(args)
     template = template_kwargs(args)
     check_text(args.system_prompt, "--system-prompt")
     model, tokenizer = load_from_args(args)
+    check_cache_flags(model, args)
     session = ChatSession(
         model,
         tokenizer,
@@ -191,6 +202,9 @@ def run(args: argparse.Namespace) -> int:
         template=template,
         system_prompt=args.system_prompt,
     )
+    cached = open_prompt_file(model, args)
+    if cached is not None:
+        session.cache.cache, session.cache.tokens, session.document = cached.cache, cached.tokens, cached.text
     interactive = sys.stdin.isatty()
     if interactive:
         print(f"[{HELP}]")

@@ -7,10 +7,21 @@ import argparse
 import json
 from typing import Any, Dict, List, Optional, Union
 
+from .. import prompt_file
 from ..backend import adaptive_block
 from ..core.costs import user_store
 from ..core.dtypes import DTYPE_NAMES
 from ..core.sampling import GREEDY_TEMPERATURE, SamplingParams
+from ..kv_cache import (
+    DEFAULT_KV_GROUP_SIZE,
+    DEFAULT_PREFILL_STEP_SIZE,
+    DEFAULT_QUANTIZED_KV_START,
+    KV_BITS,
+    CacheOptions,
+    check_rotating,
+    drafts,
+    make_cache,
+)
 from ..loader import DEFAULT_MODEL, load
 
 
@@ -143,6 +154,71 @@ def add_sampling_arguments(parser: argparse.ArgumentParser, max_tokens: int) -> 
     )
 
 
+def add_cache_arguments(parser: argparse.ArgumentParser) -> None:
+    """mlx-lm's KV cache and prefill flags, spelled and defaulted as mlx-lm spells them."""
+    parser.add_argument(
+        "--kv-bits", type=int, choices=KV_BITS, default=None,
+        help="Quantize the KV cache to this many bits (default: no quantization)",
+    )
+    parser.add_argument(
+        "--kv-group-size", type=int, default=DEFAULT_KV_GROUP_SIZE,
+        help=f"Group size for KV cache quantization (default: {DEFAULT_KV_GROUP_SIZE})",
+    )
+    parser.add_argument(
+        "--quantized-kv-start", type=int, default=DEFAULT_QUANTIZED_KV_START,
+        help="With --kv-bits, quantize the cache once it holds this many tokens "
+        f"(default: {DEFAULT_QUANTIZED_KV_START})",
+    )
+    parser.add_argument(
+        "--max-kv-size", type=int, default=None,
+        help="Bound the KV cache to this many tokens (a rotating cache; needs --block-size 1)",
+    )
+    parser.add_argument(
+        "--prefill-step-size", type=int, default=DEFAULT_PREFILL_STEP_SIZE,
+        help=f"Prefill the prompt in chunks of this many tokens (default: {DEFAULT_PREFILL_STEP_SIZE})",
+    )
+
+
+def add_prompt_cache_file_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--prompt-cache-file",
+        default=None,
+        help="A file from `orthrus-mlx cache-prompt`: its document, already prefilled, starts the prompt",
+    )
+
+
+def open_prompt_file(model, args: argparse.Namespace):
+    """The --prompt-cache-file's contents, checked against the model and the cache flags; None without one."""
+    if getattr(args, "prompt_cache_file", None) is None:
+        return None
+    group_size = args.kv_group_size if args.kv_bits is not None else None
+    return prompt_file.load(args.prompt_cache_file, model, args.kv_bits, group_size)
+
+
+CACHE_FLAGS = {
+    "kv_bits": None,
+    "kv_group_size": DEFAULT_KV_GROUP_SIZE,
+    "quantized_kv_start": DEFAULT_QUANTIZED_KV_START,
+    "max_kv_size": None,
+    "prefill_step_size": DEFAULT_PREFILL_STEP_SIZE,
+}
+
+
+def cache_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
+    """The cache flags as `mlx_generate` options, checked (ValueError) before the model loads."""
+    kwargs = {name: getattr(args, name, default) for name, default in CACHE_FLAGS.items()}
+    CacheOptions(**kwargs)
+    return kwargs
+
+
+def check_cache_flags(model, args: argparse.Namespace) -> None:
+    """A bounded cache with drafting is refused at start, not at the first answer."""
+    flag = command_block_size(args.block_size, args.temp, args.seed)
+    CacheOptions(**cache_kwargs(args)).check_head_dim(model)
+    if getattr(args, "max_kv_size", None) is not None:
+        check_rotating(make_cache(model, 1), drafts(model, not args.no_diffusion, flag))
+
+
 def add_chat_template_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--system-prompt", default=None, help="System prompt to be used for the chat template"
@@ -221,6 +297,7 @@ def generation_kwargs(args: argparse.Namespace, auto: Any = "auto") -> Dict[str,
         **processing_kwargs(args),
         use_diffusion=not args.no_diffusion,
         block_size=command_block_size(args.block_size, args.temp, args.seed, auto),
+        **cache_kwargs(args),
     )
 
 

@@ -51,10 +51,13 @@ from .chat_output import ChatOutput
 from .errors import RequestError
 from .flags import (
     PROCESSING,
+    add_cache_arguments,
     add_chat_template_arguments,
     add_model_arguments,
     add_sampling_arguments,
+    cache_kwargs,
     chat_text,
+    check_cache_flags,
     check_template_args,
     command_block_size,
     command_policy,
@@ -443,7 +446,8 @@ class App:
         if disk_folder is not None:
             disk = DiskTier(disk_folder, model, getattr(defaults, "prompt_cache_disk_bytes", DISK_BYTES))
         self.caches = PromptCachePool(
-            model, getattr(defaults, "prompt_cache_size", 4), getattr(defaults, "prompt_cache_bytes", None), disk
+            model, getattr(defaults, "prompt_cache_size", 4), getattr(defaults, "prompt_cache_bytes", None), disk,
+            getattr(defaults, "max_kv_size", None),
         )
         self.lock = FifoLock()
         self.model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="orthrus-mlx")
@@ -536,8 +540,13 @@ class App:
 
     def batches(self, req: Request) -> bool:
         """Whether `req` decodes in the batch: greedy without logprobs or logits processors (the
-        others keep the one-at-a-time path, which also reuses prompt caches)."""
-        return self.batch is not None and req.sampling.greedy and not req.logprobs and not req.sampling.has_processors
+        others keep the one-at-a-time path, which also reuses prompt caches). The batch's cache
+        has none of the KV cache flags (--kv-bits, --max-kv-size): with them, every request
+        takes the one-at-a-time path rather than have its flags ignored."""
+        flags = self.defaults
+        plain_cache = getattr(flags, "kv_bits", None) is None and getattr(flags, "max_kv_size", None) is None
+        return (self.batch is not None and plain_cache and req.sampling.greedy and not req.logprobs
+                and not req.sampling.has_processors)
 
     def generate(
         self,
@@ -996,6 +1005,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=8080, help="Port to listen on (default: 8080)")
     add_chat_template_arguments(parser)
     add_sampling_arguments(parser, max_tokens=512)
+    add_cache_arguments(parser)
     parser.add_argument(
         "--prompt-cache-size",
         type=int,
@@ -1141,11 +1151,13 @@ def run(args: argparse.Namespace) -> int:
             "Serve from one machine; `generate` and `chat` run across machines."
         )
     sampling_params(args)
+    cache_kwargs(args)
     if args.prompt_cache_size < 1:
         raise ValueError(f"--prompt-cache-size must be >= 1, got {args.prompt_cache_size}")
     template = template_kwargs(args)
     chat_template = read_chat_template(args.chat_template)
     model, tokenizer = load_for_server(args, chat_template)
+    check_cache_flags(model, args)
     if chat_template is not None:
         check_chat_template(tokenizer, template)
     model_id = args.model or DEFAULT_MODEL.name

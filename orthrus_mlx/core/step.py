@@ -54,6 +54,9 @@ class Backend(Protocol):
 
     def cache_length(self) -> int: ...
 
+    # Optional: `block_room() -> Optional[int]`, the most positions the next block may span
+    # (a cache quantized from some position on must not be crossed mid-block; MLXBackend).
+
 
 @dataclass
 class Step:
@@ -189,7 +192,10 @@ def decode(
     emitted = 1
     while token not in eos and emitted < max_tokens:
         tic = time.perf_counter()  # the step itself, not what the consumer does with it
-        length = policy.length(max_tokens - emitted, backend.cache_length())
+        room = max_tokens - emitted
+        if hasattr(backend, "block_room"):  # a cache that changes form at some position
+            room = min(room, backend.block_room() or room)
+        length = policy.length(room, backend.cache_length())
         drafted = backend.draft(token, length, params) if length > 1 else None
         scores = backend.verify(token, drafted, params)
         m = accept(scores, params, rng)

@@ -11,6 +11,7 @@ from typing import Any, List, Optional, Union
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.nn.layers.distributed import shard_linear
+from mlx_lm.models.base import scaled_dot_product_attention
 from mlx_lm.models.cache import KVCache
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -75,7 +76,7 @@ class DiffusionAttention:
         cache.trim(L)
 
         # No mask: every block position sees the whole cache and the whole block.
-        output = mx.fast.scaled_dot_product_attention(queries, keys, values, scale=self.scale, mask=None)
+        output = scaled_dot_product_attention(queries, keys, values, cache=cache, scale=self.scale, mask=None)
         return self.o_proj_diff(output.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
 
