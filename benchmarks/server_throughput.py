@@ -140,7 +140,7 @@ def main() -> None:
                 ask(port, "Hello.", 4)  # warm-up: compiled passes, step costs
                 table[name] = [round_of(port, c, args.requests_per_client, args.max_tokens) for c in clients]
             finally:
-                process.send_signal(signal.SIGINT)
+                process.send_signal(signal.SIGTERM)
                 process.wait(timeout=120)
             for row in table[name]:
                 print(f"{name:>20} {row['clients']} clients: {row['tokens_per_s']:6.2f} tok/s, "
