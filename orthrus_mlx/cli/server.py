@@ -30,7 +30,7 @@ import threading
 import time
 import traceback
 import uuid
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -86,6 +86,31 @@ DISCONNECTS = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError, Ti
 log = logging.getLogger("orthrus_mlx.server")
 
 
+class ModelThread:
+    """A one-thread executor whose thread is a daemon: a thread that ran MLX work must not end
+    before the process does (MLX's per-thread state then aborts it at exit: "terminate called
+    without an active exception"), and a daemon thread is not joined at exit."""
+
+    def __init__(self):
+        self.jobs: "queue.SimpleQueue" = queue.SimpleQueue()
+        threading.Thread(target=self._run, name="orthrus-mlx-model", daemon=True).start()
+
+    def submit(self, fn, *args, **kwargs) -> Future:
+        future: Future = Future()
+        self.jobs.put((future, fn, args, kwargs))
+        return future
+
+    def _run(self) -> None:
+        while True:
+            future, fn, args, kwargs = self.jobs.get()
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(fn(*args, **kwargs))
+            except BaseException as e:
+                future.set_exception(e)
+
+
 class FifoLock:
     """A lock handed out in the order it was asked for (threading.Lock promises no order)."""
 
@@ -116,7 +141,7 @@ class OnOneThread:
     KEEPALIVE_POLL_S) and once after it: a streaming answer's keep-alive comments.
     """
 
-    def __init__(self, executor: ThreadPoolExecutor, iterator: Iterator, on_wait: Optional[Callable[[], None]] = None):
+    def __init__(self, executor: "ModelThread", iterator: Iterator, on_wait: Optional[Callable[[], None]] = None):
         self.executor, self.iterator, self.on_wait = executor, iterator, on_wait
 
     def __iter__(self) -> "OnOneThread":
@@ -450,7 +475,7 @@ class App:
             getattr(defaults, "max_kv_size", None),
         )
         self.lock = FifoLock()
-        self.model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="orthrus-mlx")
+        self.model_thread = ModelThread()
         self.batch = None
         concurrency = getattr(defaults, "decode_concurrency", 1)
         if concurrency > 1:
