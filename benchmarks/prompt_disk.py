@@ -13,11 +13,12 @@ import argparse
 import http.client
 import json
 import signal
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from server_throughput import free_port, start  # this folder's: the same servers, started the same way
 
 HOST = "127.0.0.1"
 CHAT = "/v1/chat/completions"
@@ -33,37 +34,19 @@ def document(tokens: int) -> str:
     return " ".join(sentences)
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
-
-
 class Server:
     def __init__(self, model: str, port: int, *flags: str):
         command = [sys.executable, "-m", "orthrus_mlx", "server", "--model", model, "--port", str(port),
                    "--max-tokens", "16", "--block-size", "4", *flags]
         self.port = port
-        self.process = subprocess.Popen(command)
-        deadline = time.time() + 600
-        while time.time() < deadline:
-            try:
-                conn = http.client.HTTPConnection(HOST, port, timeout=5)
-                conn.request("GET", "/health")
-                if conn.getresponse().status == 200:
-                    return
-            except OSError:
-                time.sleep(0.5)
-        raise RuntimeError("the server did not start")
+        self.process = start(command, port)
 
     def ask(self, messages) -> tuple:
         """(seconds to the first content chunk, whole answer, cached prompt tokens)."""
         body = json.dumps({"messages": messages, "max_tokens": 16, "stream": True,
                            "stream_options": {"include_usage": True}})
         conn = http.client.HTTPConnection(HOST, self.port, timeout=3600)
-        start = time.perf_counter()
+        sent = time.perf_counter()
         conn.request("POST", CHAT, body=body, headers={"Content-Type": "application/json"})
         response = conn.getresponse()
         first, text, usage = None, "", {}
@@ -77,7 +60,7 @@ class Server:
             for choice in event.get("choices", []):
                 piece = choice["delta"].get("content")
                 if piece:
-                    first = first or time.perf_counter() - start
+                    first = first or time.perf_counter() - sent
                     text += piece
         conn.close()
         return first, text, usage.get("prompt_tokens_details", {}).get("cached_tokens", 0), usage.get("prompt_tokens")

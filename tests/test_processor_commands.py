@@ -11,6 +11,7 @@ from mlx_lm.sample_utils import make_logits_processors
 from cli_helpers import run_cli
 from http_helpers import request
 from orthrus_mlx import load
+from orthrus_mlx.batch import detokenize
 from orthrus_mlx.cli import generate as generate_command
 from orthrus_mlx.cli.flags import sampling_params
 from orthrus_mlx.loader import DEFAULT_MODEL
@@ -32,16 +33,6 @@ def mlx_lm_tokens(model, tokenizer, max_tokens=MAX_TOKENS, **processing):
     return [int(t) for t, _ in generate_step(prompt, model, max_tokens=max_tokens, logits_processors=processors)]
 
 
-def text(tokenizer, tokens):
-    """What streaming `tokens` through mlx-lm's detokenizer prints."""
-    detokenizer = tokenizer.detokenizer
-    detokenizer.reset()
-    for token in tokens:
-        detokenizer.add_token(token)
-    detokenizer.finalize()
-    return detokenizer.text
-
-
 def generate_args(*flags):
     return ["generate", "--model", str(DEFAULT_MODEL), "--prompt", PROMPT, "--ignore-chat-template",
             "--max-tokens", str(MAX_TOKENS), "--block-size", "4", *flags]
@@ -58,7 +49,7 @@ def test_generate_flags_equal_mlx_lm_with_the_same_processors(tiny):
         "--frequency-penalty", "0.3", "--logit-bias", '{"300": 9.0, "17": 4.0}',
         "--extra-eos-token", "99999", "--extra-eos-token", str(stop),
     ))
-    assert result.stdout == text(tokenizer, processed[: processed.index(stop)]) + "\n", result.stderr
+    assert result.stdout == detokenize(tokenizer, processed[: processed.index(stop)]) + "\n", result.stderr
 
 
 @pytest.mark.parametrize(
@@ -76,7 +67,7 @@ def test_bad_processor_flags_are_refused_before_loading(flags, message):
 def test_server_honours_processor_fields(tiny):
     model, tokenizer = tiny
     processing = dict(logit_bias={300: 9.0}, repetition_penalty=1.6, presence_penalty=3.0, frequency_penalty=0.3)
-    want = text(tokenizer, mlx_lm_tokens(model, tokenizer, **processing))
+    want = detokenize(tokenizer, mlx_lm_tokens(model, tokenizer, **processing))
     body = {"prompt": PROMPT, "max_tokens": MAX_TOKENS, **processing, "logit_bias": {"300": 9.0}}
     with Served(model, tokenizer) as served:
         status, answer = request(served.address, "POST", "/v1/completions", body)
