@@ -139,24 +139,31 @@ class MLXBackend:
             mx.clear_cache()
         logits = self.model(tokens[None], cache=self.cache)[0, -1]
         maybe_quantize(self.cache, self.options)
+        token = self.first_token(logits, params)
+        self.progress(total, total)
+        return token
+
+    def first_token(self, logits: mx.array, params: SamplingParams) -> int:
+        """The token after the prompt from its last logits [vocab], the history holding the prompt."""
         if self.processors:
             logits = self.process(self.history, logits[None])[0]
         if self.logprobs:
             self.prefill_logprobs = log_softmax(logits)
-        token = self.sample(logits, params).item()
-        self.progress(total, total)
-        return token
+        return self.sample(logits, params).item()
 
     def draft(self, token: int, length: int, params: SamplingParams):
         block = mx.array([[token] + [self.model.mask_token_id] * (length - 1)])
         logits = self.passes(block, self.cache, "draft")[0, :-1]
-        if self.processors:
-            drafted = self.draft_processed(token, logits, params)
-        else:
-            drafted = self.sample_draft(logits, params)
+        drafted = self.drafts_from(token, logits, params)
         # The draft computes while the verify pass's graph is being built.
         mx.async_eval(*(a for a in drafted if a is not None))
         return drafted
+
+    def drafts_from(self, token: int, logits: mx.array, params: SamplingParams):
+        """(d, q) from the draft pass's logits [L - 1, vocab] over a block opening with `token`."""
+        if self.processors:
+            return self.draft_processed(token, logits, params)
+        return self.sample_draft(logits, params)
 
     def sample_draft(self, logits: mx.array, params: SamplingParams):
         """(d, q) from the draft pass's logits: the drafted tokens and, sampling, their log-probabilities."""
@@ -183,12 +190,18 @@ class MLXBackend:
         d = drafted[0] if drafted is not None else mx.zeros((0,), mx.int32)
         block = mx.concatenate([mx.array([token], dtype=mx.int32), d])
         logits = self.passes(block[None], self.cache, "verify")[0]
-        if self.processors:
-            logits = self.process_rows(logits, block)
-            self.history = mx.concatenate([self.history, block])
-        arrays = self.score(logits, drafted, params)
+        arrays = self.score(self.verified(logits, block), drafted, params)
         mx.eval(*(a for a in arrays if a is not None))
         return scores_from(*arrays)
+
+    def verified(self, logits: mx.array, block: mx.array) -> mx.array:
+        """The verify pass's logits [L, vocab] over `block` after the processors; the history
+        then holds the block (`trim` drops the rejected part)."""
+        if not self.processors:
+            return logits
+        logits = self.process_rows(logits, block)
+        self.history = mx.concatenate([self.history, block])
+        return logits
 
     def score(self, logits: mx.array, drafted, params: SamplingParams):
         """The verify pass's lazy (draft, target, ratio, logprob rows) for `Scores`, see there."""
@@ -216,9 +229,12 @@ class MLXBackend:
     def trim(self, n: int) -> None:
         for c in self.cache:
             c.trim(n)
+        self.trim_history(n)
+        maybe_quantize(self.cache, self.options)  # the end of a step, where mlx-lm quantizes
+
+    def trim_history(self, n: int) -> None:
         if self.history is not None and n > 0:
             self.history = self.history[: self.history.size - n]
-        maybe_quantize(self.cache, self.options)  # the end of a step, where mlx-lm quantizes
 
     def block_room(self) -> Optional[int]:
         return block_room(self.cache, self.options)

@@ -6,12 +6,17 @@ at that row's own length and advances each length by what the row accepted, so r
 acceptance needs no copy: a row's rejected slots sit past its length, masked, and the next
 step overwrites them. Masks and rotary positions are per row; newcomers are prefilled in
 chunks, one chunk per step, in a cache of their own, then copied into the batch.
+
+Everything after the two passes is per row, by the row's own `MLXBackend`: its sampling
+parameters, random key (split only by its own draws), acceptance draws, logits processors
+with its own history, and logprob rows. So a row draws what it draws alone, whatever else
+is in the batch.
 """
 
 import random
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterable, List, NamedTuple, Optional, Sequence, Union
 
 import mlx.core as mx
 
@@ -19,7 +24,7 @@ from .backend import MLXBackend, adaptive_block, scores_from
 from .core.policy import BlockPolicy, block_policy
 from .core.sampling import SamplingParams
 from .core.step import accept, as_token_list, check_request, eos_set
-from .generate import add_special_tokens
+from .generate import add_special_tokens, logits_processors_for, refuse_sampler
 from .models.qwen3 import Model
 from .passes import compiled_passes
 
@@ -88,6 +93,16 @@ def batch_pass(model: Model, tokens: mx.array, cache: List[BatchLayerCache], len
     return passes.leave[view](h, attended)
 
 
+class Emitted(NamedTuple):
+    """What one step gave a sequence: its new tokens, whether it is finished, and for a
+    sequence inserted with `logprobs`, each token's log-softmax row (as `Step.logprobs`)."""
+
+    uid: int
+    tokens: List[int]
+    finished: bool
+    logprobs: Optional[List[mx.array]] = None
+
+
 @dataclass
 class Row:
     """One sequence of the batch: its own sampling, block policy, EOS ids and randomness."""
@@ -98,7 +113,7 @@ class Row:
     params: SamplingParams
     policy: BlockPolicy
     eos: frozenset
-    backend: MLXBackend  # its own cache while prefilling; its key and sampling throughout
+    backend: MLXBackend  # its own cache while prefilling; key, processors, logprobs throughout
     rng: random.Random
     prefilled: int = 0
     token: int = -1  # the last emitted token, not yet in the cache
@@ -123,11 +138,15 @@ class BatchDecoder:
     def insert(self, prompt: Union[Sequence[int], mx.array], max_tokens: int = 256,
                temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
                seed: Optional[int] = None, block_size: Union[int, str, BlockPolicy, None] = None,
-               eos_token_id: Union[int, Iterable[int], None] = None, use_diffusion: bool = True) -> int:
-        """Queue a sequence; returns its uid. Options are `mlx_generate`'s."""
+               eos_token_id: Union[int, Iterable[int], None] = None, use_diffusion: bool = True, *,
+               logprobs: bool = False, logits_processors: Optional[List[Any]] = None, **processing: Any) -> int:
+        """Queue a sequence; returns its uid. Options are `mlx_generate`'s (`processing`: min_p,
+        the penalties, logit_bias), `logprobs` `mlx_generate_steps`'s."""
+        refuse_sampler(processing)
         prompt = as_token_list(prompt)
-        params = SamplingParams(temperature, top_p, top_k, seed)
-        backend = MLXBackend(self.model, self.model.make_cache(), seed)
+        params = SamplingParams(temperature, top_p, top_k, seed, **processing)
+        processors = logits_processors_for(params, self.model.args.vocab_size) + list(logits_processors or [])
+        backend = MLXBackend(self.model, self.model.make_cache(), seed, logprobs, processors=processors)
         check_request(prompt, max_tokens, backend)
         policy = block_policy(block_size, use_diffusion and self.model.has_diffusion,
                               self.model.block_size, lambda: adaptive_block(self.model))
@@ -149,22 +168,22 @@ class BatchDecoder:
     def __len__(self) -> int:
         return len(self.active) + len(self.waiting)
 
-    def step(self) -> List[Tuple[int, List[int], bool]]:
+    def step(self) -> List[Emitted]:
         """One prefill chunk of the first newcomer, then one draft+verify step of the batch:
-        (uid, new tokens, finished) per sequence that emitted; finished ones have left."""
+        an `Emitted` per sequence that emitted; finished ones have left."""
         out = self._prefill_chunk() if self.waiting else []
         if self.active:
             out += self._decode_step()
-        for uid, _, finished in out:
-            if finished:
-                self.remove(uid)
+        for emitted in out:
+            if emitted.finished:
+                self.remove(emitted.uid)
         return out
 
-    def _prefill_chunk(self) -> List[Tuple[int, List[int], bool]]:
+    def _prefill_chunk(self) -> List[Emitted]:
         row = self.waiting[0]
         if row.max_tokens == 0:
             self.waiting.pop(0)
-            return [(row.uid, [], True)]
+            return [Emitted(row.uid, [], True)]
         cache = row.backend.cache
         rest = row.prompt[row.prefilled:]
         if len(rest) > self.prefill_chunk:
@@ -173,7 +192,9 @@ class BatchDecoder:
             row.prefilled += self.prefill_chunk
             return []
         logits = self.model(mx.array(rest)[None], cache=cache)[0, -1]
-        row.token = row.backend.sample(logits, row.params).item()
+        if row.backend.processors:
+            row.backend.history = mx.array(row.prompt, dtype=mx.int32)
+        row.token = row.backend.first_token(logits, row.params)
         row.prefilled, row.length, row.emitted = len(row.prompt), len(row.prompt), 1
         self.waiting.pop(0)
         finished = row.token in row.eos or row.max_tokens == 1
@@ -182,9 +203,10 @@ class BatchDecoder:
                 layer.append_row(c.keys[:, :, : c.offset], c.values[:, :, : c.offset])
             row.backend.cache = None  # the batch holds it now
             self.active.append(row)
-        return [(row.uid, [row.token], finished)]
+        first = row.backend.prefill_logprobs
+        return [Emitted(row.uid, [row.token], finished, None if first is None else [first])]
 
-    def _decode_step(self) -> List[Tuple[int, List[int], bool]]:
+    def _decode_step(self) -> List[Emitted]:
         tic = time.perf_counter()
         rows = self.active
         lengths = [r.length for r in rows]
@@ -198,7 +220,7 @@ class BatchDecoder:
             logits = batch_pass(self.model, tokens, self.cache, lengths, "draft", visible)
             for b, r in enumerate(rows):
                 if block[b] > 1:
-                    drafted[b] = r.backend.sample_draft(logits[b, : block[b] - 1], r.params)
+                    drafted[b] = r.backend.drafts_from(r.token, logits[b, : block[b] - 1], r.params)
         pad = mx.zeros((L,), mx.int32)
         tokens = mx.stack([
             mx.concatenate([mx.array([r.token], mx.int32)] + ([] if d is None else [d[0]]) + [pad])[:L]
@@ -206,7 +228,10 @@ class BatchDecoder:
         ])
         visible = mx.broadcast_to(mx.arange(1, L + 1, dtype=mx.int32), (len(rows), L))
         logits = batch_pass(self.model, tokens, self.cache, lengths, "verify", visible)
-        arrays = [r.backend.score(logits[b, : block[b]], drafted[b], r.params) for b, r in enumerate(rows)]
+        arrays = [
+            r.backend.score(r.backend.verified(logits[b, : block[b]], tokens[b, : block[b]]), drafted[b], r.params)
+            for b, r in enumerate(rows)
+        ]
         mx.eval([a for row_arrays in arrays for a in row_arrays if a is not None])
         seconds = time.perf_counter() - tic
 
@@ -214,6 +239,7 @@ class BatchDecoder:
         for r, n, row_arrays in zip(rows, block, arrays):
             scores = scores_from(*row_arrays)
             m = accept(scores, r.params, r.rng)
+            r.backend.trim_history(n - 1 - m)
             r.length += m + 1
             r.policy.update(n, m + 1, seconds)
             new = scores.draft[:m] + [scores.target[m]]
@@ -222,7 +248,8 @@ class BatchDecoder:
             r.emitted += len(new)
             r.token = new[-1]
             r.steps.append(len(new))
-            out.append((r.uid, new, r.token in r.eos or r.emitted >= r.max_tokens))
+            rows_lp = None if scores.logprobs is None else [scores.logprobs[i] for i in range(len(new))]
+            out.append(Emitted(r.uid, new, r.token in r.eos or r.emitted >= r.max_tokens, rows_lp))
         return out
 
 
@@ -267,7 +294,7 @@ def batch_generate(model: Model, tokenizer, prompts: List[Union[str, List[int]]]
     tic = time.perf_counter()
     done = 0
     while len(decoder):
-        for uid, new, finished in decoder.step():
+        for uid, new, finished, _ in decoder.step():
             tokens[uid] += new
             done += finished
             if verbose and finished:

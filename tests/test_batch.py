@@ -2,10 +2,14 @@
 
 from pathlib import Path
 
+import mlx.core as mx
+import numpy as np
 import pytest
 
 from orthrus_mlx import batch_generate, generate, load, mlx_generate
 from orthrus_mlx.batch import BatchDecoder
+from orthrus_mlx.core.sampling import SamplingParams
+from orthrus_mlx.generate import mlx_generate_steps
 from orthrus_mlx.testing import random_checkpoint, tiny_llama_config
 
 TINY = Path(__file__).resolve().parents[1] / "orthrus_mlx" / "assets" / "orthrus-tiny"
@@ -28,7 +32,7 @@ def run(decoder: BatchDecoder, uids, tokens, steps: int = 10**6, emitted=None):
     for _ in range(steps):
         if not len(decoder):
             break
-        for uid, new, done in decoder.step():
+        for uid, new, done, _ in decoder.step():
             tokens[uid] += new
             if emitted is not None:
                 emitted.append(len(new))
@@ -90,6 +94,35 @@ def test_sampled_rows_draw_what_they_draw_alone(tiny):
     run(decoder, uids, tokens)
     assert [tokens[u] for u in uids] == alone
     assert alone[0] != list(mlx_generate(model, prompts[0], max_tokens=20, block_size=4, temperature=0.8, seed=3))
+
+
+def test_processed_rows_and_logprobs_as_alone(tiny):
+    """Penalties, logit_bias and min-p/top-k per row, each with its own history; logprob rows
+    as the base model's pass gives them alone (processed, as `mlx_generate_steps`)."""
+    model, tokenizer = tiny
+    prompts = [tokenizer.encode(p) for p in PROMPTS]
+    options = [
+        dict(temperature=0.7, top_p=0.9, seed=4),
+        dict(repetition_penalty=1.3, presence_penalty=0.5, logit_bias={32: 2.0}),
+        dict(temperature=0.8, top_k=20, min_p=0.05, frequency_penalty=0.4, seed=9),
+        dict(),
+    ]
+    alone = []
+    for p, o in zip(prompts, options):
+        steps = list(mlx_generate_steps(model, p, None, 16, SamplingParams(**o), block_size=4, logprobs=True))
+        alone.append(([t for s in steps for t in s.tokens], [r for s in steps for r in s.logprobs]))
+
+    decoder = BatchDecoder(model)
+    uids = [decoder.insert(p, 16, block_size=4, logprobs=True, **o) for p, o in zip(prompts, options)]
+    tokens, rows = {u: [] for u in uids}, {u: [] for u in uids}
+    while len(decoder):
+        for uid, new, _, logprobs in decoder.step():
+            tokens[uid] += new
+            rows[uid] += logprobs
+    for uid, (alone_tokens, alone_rows) in zip(uids, alone):
+        assert tokens[uid] == alone_tokens
+        np.testing.assert_allclose(np.array(mx.stack(rows[uid])), np.array(mx.stack(alone_rows)), atol=1e-5)
+    assert alone[1][0] != alone[3][0]  # the processors changed the greedy text
 
 
 def test_llama_with_llama3_rope(tmp_path):
