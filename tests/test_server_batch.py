@@ -1,9 +1,11 @@
-"""--decode-concurrency: concurrent greedy requests decoded in one batch, each answer as alone."""
+"""--decode-concurrency: concurrent requests of every kind (greedy, seeded sampled, logprobs,
+penalties) decoded in one batch, each answer as the one-at-a-time path gives it alone."""
 
 import json
 import threading
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from http_helpers import request
@@ -14,9 +16,12 @@ from server_fixtures import Served
 TINY = Path(__file__).resolve().parents[1] / "orthrus_mlx" / "assets" / "orthrus-tiny"
 BODIES = [
     {"prompt": "def add(a, b):", "max_tokens": 24},
-    {"prompt": "import os\nimport sys\n\nclass Loader:", "max_tokens": 30, "stream": True},
-    {"prompt": "x = [", "max_tokens": 12, "stop": ["+1+"]},
-    {"prompt": "for i in range(10):\n    print(i)", "max_tokens": 20, "stream": True},
+    {"prompt": "import os\nimport sys\n\nclass Loader:", "max_tokens": 30, "stream": True,
+     "temperature": 0.7, "top_p": 0.9, "seed": 3},
+    {"prompt": "x = [", "max_tokens": 12, "stop": ["0x"], "logprobs": 3, "presence_penalty": 0.5},
+    {"prompt": "for i in range(10):\n    print(i)", "max_tokens": 20, "stream": True, "logprobs": 2,
+     "temperature": 0.9, "top_k": 40, "min_p": 0.05, "seed": 8, "repetition_penalty": 1.2,
+     "frequency_penalty": 0.3, "logit_bias": {"32": 1.5}},
 ]
 
 
@@ -26,28 +31,41 @@ def tiny():
 
 
 def answer(server, body):
-    """(text, finish_reason) of a completion, whole or streamed."""
+    """(text, finish_reason, logprob entries) of a completion, whole or streamed."""
     status, data = request(server, "POST", "/v1/completions", body)
     assert status == 200, data
     if not body.get("stream"):
-        return data["choices"][0]["text"], data["choices"][0]["finish_reason"]
+        choice = data["choices"][0]
+        return choice["text"], choice["finish_reason"], (choice["logprobs"] or {}).get("content")
     events = [json.loads(line[6:]) for line in data.splitlines() if line.startswith("data: {")]
-    text = "".join(e["choices"][0]["text"] for e in events if e["choices"])
-    return text, events[-1]["choices"][0]["finish_reason"]
+    choices = [e["choices"][0] for e in events if e["choices"]]
+    entries = [entry for c in choices for entry in (c["logprobs"] or {}).get("content", [])]
+    return "".join(c["text"] for c in choices), choices[-1]["finish_reason"], entries if body.get("logprobs") else None
+
+
+def same_logprobs(batched, alone) -> bool:
+    """Entries with the same tokens and alternatives, their values within 1e-5."""
+    if alone is None or batched is None:
+        return batched is alone
+    ids = lambda entries: [(e["id"], [t["id"] for t in e["top_logprobs"]]) for e in entries]
+    values = lambda entries: [[e["logprob"]] + [t["logprob"] for t in e["top_logprobs"]] for e in entries]
+    return ids(batched) == ids(alone) and all(
+        np.allclose(b, a, atol=1e-5, rtol=0) for b, a in zip(values(batched), values(alone))
+    )
 
 
 def test_concurrent_clients_get_their_alone_answers(tiny, monkeypatch):
-    with Served(*tiny) as served:
+    with Served(*tiny) as served:  # one at a time (--decode-concurrency 1)
         alone = [answer(served.address, body) for body in BODIES]
 
-    batch_sizes = []
+    batches = []  # per batch step, what each active row is: (sampled, logprobs, processors)
     step = BatchDecoder.step
 
-    def counting_step(self):
-        batch_sizes.append(len(self.active))
+    def recording_step(self):
+        batches.append([(not r.params.greedy, r.backend.logprobs, bool(r.backend.processors)) for r in self.active])
         return step(self)
 
-    monkeypatch.setattr(BatchDecoder, "step", counting_step)
+    monkeypatch.setattr(BatchDecoder, "step", recording_step)
     results = [None] * len(BODIES)
     with Served(*tiny, decode_concurrency=4, prompt_concurrency=2) as served:
         def client(i):
@@ -58,9 +76,11 @@ def test_concurrent_clients_get_their_alone_answers(tiny, monkeypatch):
             t.start()
         for t in threads:
             t.join(timeout=120)
-        # A sampled request keeps the one-at-a-time path, after the batch.
-        sampled = answer(served.address, dict(BODIES[0], temperature=0.7, seed=1))
-    assert results == alone
-    assert max(batch_sizes) >= 2  # decoded together, not one after another
-    assert alone[2] == ("1] + (1", "stop")
-    assert isinstance(sampled[0], str) and sampled[1] in ("stop", "length")
+    assert [r[:2] for r in results] == [a[:2] for a in alone]
+    assert all(same_logprobs(r[2], a[2]) for r, a in zip(results, alone))
+    assert alone[2][:2] == ("1] + (0, 1, ", "stop") and alone[2][2] and alone[3][2]
+    # Every kind of request decoded in one pass with others, not one after another.
+    together = [rows for rows in batches if len(rows) >= 2]
+    assert {kind for rows in together for kind in rows} >= {
+        (False, False, False), (True, False, False), (False, True, True), (True, True, True)
+    }

@@ -564,14 +564,18 @@ class App:
             raise RequestError(f"The chat template failed: {e}", param="messages")
 
     def batches(self, req: Request) -> bool:
-        """Whether `req` decodes in the batch: greedy without logprobs or logits processors (the
-        others keep the one-at-a-time path, which also reuses prompt caches). The batch's cache
-        has none of the KV cache flags (--kv-bits, --max-kv-size): with them, every request
-        takes the one-at-a-time path rather than have its flags ignored."""
+        """Whether `req` decodes in the batch: any request, greedy or sampled, with logprobs
+        or logits processors, each row drawing what it draws alone (docs/DESIGN.md). The
+        one-at-a-time path also reuses prompt caches; the batch's cache has none of the KV
+        cache flags (--kv-bits, --max-kv-size): with them, every request takes the
+        one-at-a-time path rather than have its flags ignored."""
         flags = self.defaults
         plain_cache = getattr(flags, "kv_bits", None) is None and getattr(flags, "max_kv_size", None) is None
-        return (self.batch is not None and plain_cache and req.sampling.greedy and not req.logprobs
-                and not req.sampling.has_processors)
+        return self.batch is not None and plain_cache
+
+    def block_size(self, req: Request) -> Any:
+        """The request's block length or policy, on either path (a seeded sample keeps a fixed one)."""
+        return command_block_size(self.defaults.block_size, req.sampling.temperature, req.sampling.seed, self.auto)
 
     def generate(
         self,
@@ -584,8 +588,7 @@ class App:
         done. Fills `usage` as it goes. `progress(done, total)` is called, on the model's
         thread, as the prompt prefills; `on_wait` on the caller's while it waits."""
         if self.batches(req):
-            options = generation_kwargs(self.defaults, self.auto)
-            return self.batch.pieces(req, usage, options["block_size"], options["use_diffusion"])
+            return self.batch.pieces(req, usage, self.block_size(req), not self.defaults.no_diffusion)
         return OnOneThread(self.model_thread, self._generate(req, usage, progress), on_wait)
 
     def _generate(self, req: Request, usage: Dict[str, Any], progress=None) -> Iterator[Piece]:
@@ -622,9 +625,7 @@ class App:
             top_k=req.sampling.top_k,
             seed=req.sampling.seed,
             **{name: getattr(req.sampling, name) for name in PROCESSING},
-            block_size=command_block_size(
-                self.defaults.block_size, req.sampling.temperature, req.sampling.seed, self.auto
-            ),
+            block_size=self.block_size(req),
         )
         responses = stream_generate(
             self.model,
@@ -1060,7 +1061,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--decode-concurrency",
         type=int,
         default=1,
-        help="Decode up to N concurrent greedy requests without logprobs together, in one batch "
+        help="Decode up to N concurrent requests together, in one batch, each exactly as alone "
         "(default: 1, one request at a time)",
     )
     parser.add_argument(

@@ -1,4 +1,5 @@
-"""The server's batched path (--decode-concurrency): concurrent greedy requests decoded together.
+"""The server's batched path (--decode-concurrency): concurrent requests decoded together, each
+with its own sampling, seed, logits processors and logprobs, as it decodes alone.
 
 One coordinating thread owns a `BatchDecoder`; every decoder call runs on the model's thread (MLX
 evaluates a graph only on the stream of the thread that built it). While the batch holds
@@ -10,8 +11,9 @@ import queue
 import threading
 from typing import Any, Dict, List, Optional
 
-from ..batch import BatchDecoder
-from .server import Piece, StopStrings
+from ..batch import BatchDecoder, Emitted
+from ..generate import SAMPLING_FIELDS
+from .server import Piece, StopStrings, logprob_entry
 
 END = object()
 
@@ -26,6 +28,7 @@ class BatchedPieces:
         self.stops = StopStrings(request.stop)
         self.out: "queue.SimpleQueue[Any]" = queue.SimpleQueue()
         self.closed = False
+        self.pending: List[Dict[str, Any]] = []  # logprob entries of tokens whose text has not gone out
         self.emitted = 0
         self.steps: List[int] = []
         usage.update(prompt_tokens=len(request.prompt), completion_tokens=0, total_tokens=len(request.prompt),
@@ -47,11 +50,12 @@ class BatchedPieces:
     def close(self) -> None:
         self.closed = True  # the batch thread drops the row at its next step
 
-    def feed(self, tokens: List[int]) -> bool:
-        """Turn a step's tokens into pieces; True once the request is done (EOS, length, stop)."""
+    def feed(self, tokens: List[int], entries: Optional[List[Dict[str, Any]]] = None) -> bool:
+        """Turn a step's tokens (and their logprob `entries`) into pieces; True once the request
+        is done (EOS, length, stop)."""
         if tokens and self.emitted:
             self.steps.append(len(tokens))
-        for token in tokens:
+        for i, token in enumerate(tokens):
             self.emitted += 1
             finish = "stop" if token in self.eos else "length" if self.emitted >= self.request.max_tokens else None
             if token not in self.eos:
@@ -59,13 +63,16 @@ class BatchedPieces:
             if finish:
                 self.detokenizer.finalize()
             self.update_usage()
+            if entries is not None:
+                self.pending.append(entries[i])
             text, stopped = self.stops.feed(self.detokenizer.last_segment)
             if stopped:
-                return self.end(Piece(text, "stop", [], self.stops.matched))
+                return self.end(Piece(text, "stop", self.pending, self.stops.matched))
             if finish:
-                return self.end(Piece(text + self.stops.flush(), finish, []))
+                return self.end(Piece(text + self.stops.flush(), finish, self.pending))
             if text:
-                self.out.put(Piece(text, None, []))
+                self.out.put(Piece(text, None, self.pending))
+                self.pending = []
         return False
 
     def update_usage(self) -> None:
@@ -127,30 +134,45 @@ class BatchWorker:
                 pieces.end()
                 continue
             request = pieces.request
+            sampling = {name: getattr(request.sampling, name) for name in SAMPLING_FIELDS}
             try:
                 uid = self.on_model_thread(
                     self.decoder.insert, request.prompt, request.max_tokens, block_size=block_size,
-                    eos_token_id=list(self.eos), use_diffusion=use_diffusion,
+                    eos_token_id=list(self.eos), use_diffusion=use_diffusion, logprobs=request.logprobs,
+                    **sampling,
                 )
             except Exception as e:
                 pieces.fail(e)
                 continue
             rows[uid] = pieces
 
+    def decode_step(self, rows: Dict[int, BatchedPieces]):
+        """A decoder step and, per result, its tokens' logprob entries where the request asked
+        (made here, on the model's thread, where the rows' arrays live). A newcomer may have
+        two results in one step: its prefill's token, then its first decoding step's."""
+        results: List[Emitted] = self.decoder.step()
+        entries = []
+        for uid, tokens, _, logprobs in results:
+            top = rows[uid].request.top_logprobs if uid in rows else 0
+            entries.append(None if logprobs is None else [
+                logprob_entry(self.app.tokenizer, t, row, top) for t, row in zip(tokens, logprobs)
+            ])
+        return results, entries
+
     def step(self, rows: Dict[int, BatchedPieces]) -> None:
         try:
-            results = self.on_model_thread(self.decoder.step)
+            results, entries = self.on_model_thread(self.decode_step, rows)
         except Exception as e:  # a bug: every request of the batch fails, the server keeps serving
             for pieces in rows.values():
                 pieces.fail(e)
             rows.clear()
             self.decoder = self.on_model_thread(BatchDecoder, self.app.model)
             return
-        for uid, tokens, finished in results:
+        for (uid, tokens, finished, _), step_entries in zip(results, entries):
             pieces = rows.get(uid)
             if pieces is None:
                 continue
-            done = pieces.feed(tokens)
+            done = pieces.feed(tokens, step_entries)
             if finished and not done:
                 pieces.end()
             if done or finished:
