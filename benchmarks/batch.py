@@ -33,7 +33,7 @@ def batched(model, prompts, max_tokens, block_size):
     tokens = {u: [] for u in uids}
     steps = 0
     while len(decoder):
-        for uid, new, _ in decoder.step():
+        for uid, new, _, _ in decoder.step():
             tokens[uid] += new
         steps += 1
     return [tokens[u] for u in uids]
