@@ -1,6 +1,7 @@
 """Aggregate throughput and latency of the server under 1/2/4/8 concurrent clients: ours batching
 (`--decode-concurrency`), ours one request at a time, and `mlx_lm.server` (its own batching) on
-the same float32 weights. Greedy chat requests, loopback, one server process at a time.
+the same float32 weights. Greedy chat requests (--mixed: in turn greedy, seeded sampled, with
+logprobs, with penalties), loopback, one server process at a time.
 
     LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libopenblas.so.0 OPENBLAS_NUM_THREADS=1 \\
         python benchmarks/server_throughput.py --json benchmarks/results/server_throughput.json
@@ -21,6 +22,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Optional
 
 HOST = "127.0.0.1"
 QUESTIONS = [
@@ -32,6 +34,13 @@ QUESTIONS = [
     "How do I reverse a list in Python?",
     "Describe the water cycle briefly.",
     "Suggest a name for a bakery and explain it.",
+]
+# --mixed: the request kinds, in turn by question; the seeds make sampled answers comparable.
+MIXED = [
+    {},
+    {"temperature": 0.7, "top_p": 0.9, "seed": 1},
+    {"logprobs": True, "top_logprobs": 3},
+    {"repetition_penalty": 1.2, "presence_penalty": 0.3, "temperature": 0.8, "top_k": 40, "seed": 2},
 ]
 
 
@@ -73,9 +82,9 @@ def start(command, port: int) -> subprocess.Popen:
     raise RuntimeError(f"{command[:4]} did not start")
 
 
-def ask(port: int, question: str, max_tokens: int) -> tuple:
+def ask(port: int, question: str, max_tokens: int, extra: Optional[dict] = None) -> tuple:
     body = json.dumps({"messages": [{"role": "user", "content": question}], "max_tokens": max_tokens,
-                       "temperature": 0.0})
+                       "temperature": 0.0, **(extra or {})})
     conn = http.client.HTTPConnection(HOST, port, timeout=3600)
     start_time = time.perf_counter()
     conn.request("POST", "/v1/chat/completions", body=body, headers={"Content-Type": "application/json"})
@@ -85,13 +94,14 @@ def ask(port: int, question: str, max_tokens: int) -> tuple:
     return time.perf_counter() - start_time, answer["usage"]["completion_tokens"], text
 
 
-def round_of(port: int, clients: int, per_client: int, max_tokens: int) -> dict:
+def round_of(port: int, clients: int, per_client: int, max_tokens: int, mixed: bool = False) -> dict:
     results, lock = [], threading.Lock()
 
     def client(c: int) -> None:
         for r in range(per_client):
-            question = QUESTIONS[(c + r * clients) % len(QUESTIONS)]
-            latency, tokens, text = ask(port, question, max_tokens)
+            index = (c + r * clients) % len(QUESTIONS)
+            question = QUESTIONS[index]
+            latency, tokens, text = ask(port, question, max_tokens, MIXED[index % len(MIXED)] if mixed else None)
             with lock:
                 results.append((question, latency, tokens, text))
 
@@ -120,6 +130,8 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--block-size", default="4")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--mixed", action="store_true", help="greedy, sampled, logprobs and penalty requests")
+    parser.add_argument("--no-mlx-lm", action="store_true", help="ours only")
     args = parser.parse_args()
     clients = [int(c) for c in args.clients.split(",")]
     most = str(max(clients))
@@ -132,13 +144,16 @@ def main() -> None:
             "mlx_lm.server": [sys.executable, "-m", "mlx_lm", "server", "--model",
                               str(mlx_lm_folder(args.model, Path(folder))), "--decode-concurrency", most],
         }
+        if args.no_mlx_lm:
+            servers.pop("mlx_lm.server")
         table = {}
         for name, command in servers.items():
             port = free_port()
             process = start(command + ["--port", str(port)], port)
             try:
                 ask(port, "Hello.", 4)  # warm-up: compiled passes, step costs
-                table[name] = [round_of(port, c, args.requests_per_client, args.max_tokens) for c in clients]
+                table[name] = [round_of(port, c, args.requests_per_client, args.max_tokens, args.mixed)
+                               for c in clients]
             finally:
                 process.send_signal(signal.SIGTERM)
                 process.wait(timeout=120)
@@ -153,7 +168,7 @@ def main() -> None:
         print(f"batched / one at a time at {row['clients']} clients: {row['vs_one_at_a_time']}x, "
               f"answers identical: {row['identical_to_one_at_a_time']}")
     if args.json:
-        args.json.write_text(json.dumps({"model": args.model, "max_tokens": args.max_tokens,
+        args.json.write_text(json.dumps({"model": args.model, "max_tokens": args.max_tokens, "mixed": args.mixed,
                                          "block_size": args.block_size, "servers": table}, indent=1) + "\n")
 
 
