@@ -12,6 +12,7 @@ import random
 from typing import Any, Callable, List, Optional, Sequence
 
 import mlx.core as mx
+import numpy as np
 
 from .core.costs import PROCESS_STORE, CostStore, measure_cost_lines
 from .core.policy import AdaptiveBlock
@@ -47,14 +48,21 @@ def broadcast_floats(values: Sequence[float], group: Group) -> List[float]:
     return broadcast(mx.array(list(values), dtype=mx.float32), group).tolist()
 
 
+def broadcast_bytes(data: Optional[bytes], group: Group) -> Optional[bytes]:
+    """Rank 0's bytes (or None) on every rank; what the others pass is ignored. Two all-sums:
+    the length (plus one, so that 0 says None), then the payload."""
+    data = data if group.rank() == 0 else None
+    size = int(broadcast(mx.array(0 if data is None else len(data) + 1, dtype=mx.int32), group).item())
+    if size <= 1:
+        return None if size == 0 else b""
+    buffer = mx.array(np.frombuffer(data, np.uint8)) if data is not None else mx.zeros((size - 1,), mx.uint8)
+    return bytes(np.array(broadcast(buffer, group)))
+
+
 def broadcast_text(text: Optional[str], group: Group) -> Optional[str]:
     """Rank 0's text (or None) on every rank; what the others pass is ignored."""
-    data = b"" if text is None or group.rank() != 0 else text.encode()
-    size = int(broadcast(mx.array(len(data) + (text is not None), dtype=mx.int32), group).item())
-    if size == 0:
-        return None
-    buffer = mx.array(list(data), dtype=mx.uint8) if group.rank() == 0 else mx.zeros((size - 1,), mx.uint8)
-    return bytes(broadcast(buffer, group).tolist()).decode() if size > 1 else ""
+    data = broadcast_bytes(None if text is None else text.encode(), group)
+    return None if data is None else data.decode()
 
 
 def shared_seed(seed: Optional[int], group: Group) -> int:

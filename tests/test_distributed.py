@@ -6,16 +6,20 @@ import io
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import mlx.nn as nn
 import pytest
 from mlx.utils import tree_flatten
 
-from distributed_run import MAX_TOKENS, PROMPT
+from distributed_run import MAX_TOKENS, PROMPT, SERVER_FLAGS, ask_server
 from orthrus_mlx import cli
+from orthrus_mlx.cli import server
+from orthrus_mlx.cli.flags import command_policy, template_kwargs
 from orthrus_mlx.generate import mlx_generate
 from orthrus_mlx.loader import DEFAULT_MODEL, load
 from orthrus_mlx.models import model_classes
@@ -69,8 +73,11 @@ def ranks(tmp_path_factory, quantized):
     root = str(Path(__file__).parents[1])
     env = dict(os.environ, USE_TORCH="0", PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
     # Ranks that diverge wait on each other forever: the whole process group goes at the deadline.
+    with socket.socket() as s:  # a free port for rank 0's server
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
     proc = subprocess.Popen(
-        argv + [str(DEFAULT_MODEL), *map(str, quantized)],
+        argv + [str(DEFAULT_MODEL), *map(str, quantized), str(port)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True,
     )
     try:
@@ -138,8 +145,35 @@ def test_commands_print_on_rank_zero_only(ranks):
     for rank in ranks:
         assert rank["generate"]["code"] == rank["chat"]["code"] == 0
     assert ranks[1]["generate"]["stdout"] == ranks[1]["chat"]["stdout"] == ""
+
+
+def single_process_answers() -> dict:
+    """`ask_server` against the same server in this one process."""
+    parser = cli.ArgumentParser()
+    server.add_arguments(parser)
+    args = parser.parse_args(["--model", str(DEFAULT_MODEL), *SERVER_FLAGS])
+    model, tokenizer = server.load_for_server(args, None)
+    app = server.App(model, tokenizer, args.model, args, template_kwargs(args), command_policy(model, args))
+    httpd = server.make_server(app, "127.0.0.1", 0)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        return ask_server(httpd.server_address[:2])
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def test_server_answers_from_rank_zero_as_one_process_does(ranks):
+    answers = ranks[0]["server"]["answers"]
+    assert "error" not in answers, answers["error"]
+    expected = single_process_answers()
+    assert answers == expected
+    assert expected["again"]["choices"] == expected["greedy"]["choices"] and expected["stop"]["finish"] == "stop"
+    assert expected["sampled"]["status"] == 200 and expected["sampled"]["usage"]["completion_tokens"] > 0
+    # Rank 0 stopped on SIGINT and told rank 1, whose loop ended: both returned 0.
     for rank in ranks:
-        assert rank["server"]["code"] == 1 and "does not run under mlx.launch" in rank["server"]["stderr"]
+        assert rank["server"]["code"] == 0, rank["server"]["stderr"][-2000:]
+    assert "serving" in ranks[0]["server"]["stderr"] and "serving" not in ranks[1]["server"]["stderr"]
 
 
 def build(config):

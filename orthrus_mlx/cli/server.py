@@ -15,6 +15,10 @@ own, so rendering the model's template takes time linear in the body), a rendere
 of at most MAX_PROMPT_CHARS characters and a token count that fits the context. A
 generation that fails drops the prompt cache it used, so no failure reaches a later
 request.
+
+Under `mlx.launch` (a model sharded over the ranks) rank 0 serves HTTP and every other rank
+follows each of its generations pass for pass (`App.follow`), still one request at a time:
+`--decode-concurrency` and `--prompt-cache-dir` are refused there.
 """
 
 import argparse
@@ -32,7 +36,7 @@ import traceback
 import uuid
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Tuple
@@ -41,7 +45,7 @@ import mlx.core as mx
 
 from ..core.sampling import SamplingParams
 from ..core.step import DecodeStats, check_context
-from ..distributed import world
+from ..distributed import broadcast_bytes, model_group, world
 from ..generate import add_special_tokens, stream_generate
 from ..loader import DEFAULT_MODEL
 from ..prompt_cache import PromptCachePool
@@ -262,6 +266,30 @@ class Request:
     tools: Optional[List[Dict[str, Any]]] = None
 
 
+def request_bytes(req: Optional[Request]) -> Optional[bytes]:
+    """What another rank needs to decode `req` exactly as rank 0 does (prompt ids, sampling,
+    length, stop strings, logprobs), not how the answer is shaped; None stays None."""
+    if req is None:
+        return None
+    fields = dict(prompt=req.prompt, max_tokens=req.max_tokens, sampling=asdict(req.sampling), stop=req.stop,
+                  logprobs=req.logprobs, top_logprobs=req.top_logprobs)
+    return json.dumps(fields).encode()
+
+
+def request_from_bytes(data: Optional[bytes]) -> Optional[Request]:
+    if data is None:
+        return None
+    fields = json.loads(data)
+    return Request(sampling=SamplingParams(**fields.pop("sampling")), **fields)
+
+
+def share_request(req: Optional[Request], group) -> Optional[Request]:
+    """Rank 0's next generation on every rank (None: the server stops); the others pass None.
+    Called on rank 0's model thread, so that it reaches the followers in the order the model
+    thread runs its passes."""
+    return request_from_bytes(broadcast_bytes(request_bytes(req), group))
+
+
 def parse_options(body: Dict[str, Any], defaults: argparse.Namespace) -> Dict[str, Any]:
     num = (int, float)
     opts = dict(
@@ -476,9 +504,10 @@ class App:
         )
         self.lock = FifoLock()
         self.model_thread = ModelThread()
+        self.group = model_group(model)  # under mlx.launch: the ranks that must decode every request
         self.batch = None
         concurrency = getattr(defaults, "decode_concurrency", 1)
-        if concurrency > 1:
+        if concurrency > 1 and self.group is None:
             from .server_batch import BatchWorker
 
             self.batch = BatchWorker(self, concurrency, getattr(defaults, "prompt_concurrency", 1))
@@ -589,7 +618,36 @@ class App:
         thread, as the prompt prefills; `on_wait` on the caller's while it waits."""
         if self.batches(req):
             return self.batch.pieces(req, usage, self.block_size(req), not self.defaults.no_diffusion)
+        if self.group is not None:
+            return OnOneThread(self.model_thread, self._generate_everywhere(req, usage, progress), on_wait)
         return OnOneThread(self.model_thread, self._generate(req, usage, progress), on_wait)
+
+    def _generate_everywhere(self, req: Request, usage: Dict[str, Any], progress=None) -> Iterator[Piece]:
+        """`_generate` on rank 0 of a sharded model, the other ranks following (`follow`).
+
+        Every pass is an all-sum over the ranks, so all must run the same passes: they get the
+        request first, and stop where rank 0 stops (the end, or a stop string: each rank
+        detokenizes alike). The one stop they cannot see is a client leaving, so then rank 0
+        decodes on to the end too, and every rank's prompt caches keep the same tokens."""
+        share_request(req, self.group)
+        pieces = self._generate(req, usage, progress)
+        try:
+            for piece in pieces:
+                yield piece
+        except GeneratorExit:
+            for _ in pieces:
+                pass
+            raise
+
+    def follow(self) -> None:
+        """A rank other than 0 under `mlx.launch`: decode each request rank 0's server decodes,
+        in step with it, the answers dropped, until rank 0 says stop."""
+        while (req := share_request(None, self.group)) is not None:
+            try:
+                for _ in self._generate(req, {}):
+                    pass
+            except Exception as e:  # rank 0 met it too, and answered the client with a 500
+                log.error("generation failed on this rank: %s", printable(f"{type(e).__name__}: {e}"))
 
     def _generate(self, req: Request, usage: Dict[str, Any], progress=None) -> Iterator[Piece]:
         """A generation that ends, or stops because the caller closed this iterator, records
@@ -1169,13 +1227,8 @@ def make_server(app: App, host: str, port: int) -> ThreadingHTTPServer:
 
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(message)s")
-    ranks = world().size()
-    if ranks > 1:
-        raise ValueError(
-            f"the server does not run under mlx.launch ({ranks} processes): every rank would have to "
-            "follow rank 0's requests, streams and cancellations step by step, which it does not do. "
-            "Serve from one machine; `generate` and `chat` run across machines."
-        )
+    if world().size() > 1:
+        check_distributed_flags(args)
     sampling_params(args)
     cache_kwargs(args)
     if args.prompt_cache_size < 1:
@@ -1188,9 +1241,30 @@ def run(args: argparse.Namespace) -> int:
         check_chat_template(tokenizer, template)
     model_id = args.model or DEFAULT_MODEL.name
     app = App(model, tokenizer, model_id, args, template, command_policy(model, args))
+    if app.group is None:
+        return serve(app, args)
+    if app.group.rank() != 0:
+        app.follow()
+        return 0
+    try:
+        return serve(app, args)
+    finally:  # the followers leave their loop
+        app.model_thread.submit(share_request, None, app.group).result()
+
+
+def check_distributed_flags(args: argparse.Namespace) -> None:
+    """The flags a server under `mlx.launch` cannot honour yet, refused on every rank alike."""
+    if args.decode_concurrency > 1:
+        raise ValueError("--decode-concurrency does not run under mlx.launch: requests decode one at a time")
+    if args.prompt_cache_dir is not None:
+        raise ValueError("--prompt-cache-dir does not run under mlx.launch: each rank's caches hold its own heads")
+
+
+def serve(app: App, args: argparse.Namespace) -> int:
+    """Answer HTTP until Ctrl-C or SIGTERM (rank 0 only, under `mlx.launch`)."""
     httpd = make_server(app, args.host, args.port)
     host, port = httpd.server_address[:2]
-    log.info("serving %s on http://%s:%d", model_id, host, port)
+    log.info("serving %s on http://%s:%d", app.model_id, host, port)
     # A service manager's stop (SIGTERM) ends like Ctrl-C: the prompt caches reach the disk tier.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
