@@ -1,11 +1,12 @@
 """What each rank does under `mlx.launch -n 2 --backend ring -- python tests/distributed_run.py OUT
-MODEL QUANT_BASE QUANT_DRAFTER PORT` (tests/test_distributed.py): load sharded, decode, write
+MODEL QUANT_BASE QUANT_DRAFTER ODD_HEADS PORT` (tests/test_distributed.py): load sharded, decode, write
 OUT/rank<r>.json.
 
 One launch checks everything, since starting the ranks dominates: greedy and sampling at a
 fixed block length, `auto` over costs only rank 0 has, a quantized base with a quantized
-drafter adapter, and the `generate`, `chat` and `server` commands (rank 0 serves on PORT, a
-thread of its own process is the HTTP client, then stops it with SIGINT).
+drafter adapter, a Llama whose heads do not divide by 2 (its attention stays whole), and the
+`generate`, `chat` and `server` commands (rank 0 serves on PORT, a thread of its own process
+is the HTTP client, then stops it with SIGINT).
 """
 
 import contextlib
@@ -129,7 +130,7 @@ def client(address, answers: dict) -> None:
         os.kill(os.getpid(), signal.SIGINT)
 
 
-def main(out: Path, model_path: str, quant_base: str, quant_drafter: str, port: str) -> None:
+def main(out: Path, model_path: str, quant_base: str, quant_drafter: str, odd_heads: str, port: str) -> None:
     group = world()
     rank = group.rank()
     model, _ = load(model_path)
@@ -143,6 +144,13 @@ def main(out: Path, model_path: str, quant_base: str, quant_drafter: str, port: 
     quantized, _ = load(quant_base, drafter=quant_drafter)
     result["quantized"], _ = decode(quantized, block_size=4)
     result["quantized_layer_parameters"] = layer_parameters(quantized)
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):  # the one line saying what stays whole
+        odd, _ = load(odd_heads)
+    result["odd"] = {"greedy": decode(odd, block_size=4)[0], "layer_parameters": layer_parameters(odd),
+                     "heads": [odd.layers[0].self_attn.n_heads, odd.layers[0].self_attn.n_kv_heads],
+                     "stderr": err.getvalue()}
 
     flags = ["--model", model_path, "--max-tokens", "8", "--temp", "0", "--block-size", "4"]
     result["generate"] = command(["generate", "--prompt", "hello", *flags])
@@ -158,4 +166,4 @@ def main(out: Path, model_path: str, quant_base: str, quant_drafter: str, port: 
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), *sys.argv[2:6])
+    main(Path(sys.argv[1]), *sys.argv[2:7])

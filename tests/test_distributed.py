@@ -23,8 +23,8 @@ from orthrus_mlx.cli.flags import command_policy, template_kwargs
 from orthrus_mlx.generate import mlx_generate
 from orthrus_mlx.loader import DEFAULT_MODEL, load
 from orthrus_mlx.models import model_classes
-from orthrus_mlx.models.diffusion import check_shardable
-from orthrus_mlx.testing import tiny_config, tiny_llama_config
+from orthrus_mlx.models.diffusion import check_shardable, heads_divide
+from orthrus_mlx.testing import random_checkpoint, tiny_config, tiny_llama_config
 
 LAUNCH = Path(sys.executable).parent / "mlx.launch"
 LAUNCH_TIMEOUT = 420  # ~45 s of CPU in all; minutes on a loaded machine
@@ -62,8 +62,17 @@ def quantized(tmp_path_factory):
     )
 
 
+ODD_HEADS = dict(num_attention_heads=3, num_key_value_heads=1)  # SmolLM2-135M's 9 and 3, in small
+
+
 @pytest.fixture(scope="module")
-def ranks(tmp_path_factory, quantized):
+def odd_heads(tmp_path_factory):
+    """A random Llama whose heads do not divide by 2 ranks (its MLP of 128 does)."""
+    return random_checkpoint(tmp_path_factory.mktemp("odd-heads"), tiny_llama_config(**ODD_HEADS), seed=3)
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory, quantized, odd_heads):
     if not LAUNCH.is_file():
         pytest.skip("mlx.launch is not installed")
     out = tmp_path_factory.mktemp("ranks")
@@ -77,7 +86,7 @@ def ranks(tmp_path_factory, quantized):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     proc = subprocess.Popen(
-        argv + [str(DEFAULT_MODEL), *map(str, quantized), str(port)],
+        argv + [str(DEFAULT_MODEL), *map(str, quantized), str(odd_heads), str(port)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True,
     )
     try:
@@ -184,18 +193,32 @@ def build(config):
 TINY_SHAPE = dict(num_attention_heads=6, num_key_value_heads=2, hidden_size=192, head_dim=32, intermediate_size=384)
 
 
-def test_heads_must_divide_by_the_ranks():
+def test_heads_that_do_not_divide_stay_whole_on_every_rank(ranks, odd_heads):
+    model, _ = load(odd_heads)
+    expected = decode(model, block_size=4)
+    assert expected == decode(model, block_size=1)
+    matrices = sum(v.size for k, v in tree_flatten(model.layers[0].mlp.parameters()))
+    for rank in ranks:
+        assert rank["odd"]["greedy"] == expected
+        assert rank["odd"]["heads"] == [3, 1]  # every head on every rank
+        # Only the MLP is split: each rank holds half of it and all of the rest.
+        assert rank["odd"]["layer_parameters"] == layer_parameters(model) - matrices // 2
+    assert "3 query and 1 key/value heads do not divide by 2 ranks" in ranks[0]["odd"]["stderr"]
+    assert ranks[1]["odd"]["stderr"] == ""
+
+
+def test_only_the_mlp_must_divide_by_the_ranks():
     tiny = build(tiny_config(**TINY_SHAPE))
-    check_shardable(tiny, 2)
-    with pytest.raises(ValueError, match="6 query and 2 key/value heads do not divide by 3"):
-        check_shardable(tiny, 3)
-    # SmolLM2-135M's shape: 9 query and 3 key/value heads run on 3 ranks, not on 2.
+    check_shardable(tiny, 3)  # 6 query and 2 key/value heads: attention whole, MLP of 384 split
+    assert heads_divide(tiny, 2) and not heads_divide(tiny, 3)
+    # SmolLM2-135M's shape: 9 query and 3 key/value heads split over 3 ranks, stay whole over 2.
     smollm2 = build(
         tiny_llama_config(num_attention_heads=9, num_key_value_heads=3, hidden_size=576, intermediate_size=96)
     )
-    check_shardable(smollm2, 3)
-    with pytest.raises(ValueError, match="over 2 ranks: 9 query and 3 key/value heads"):
-        check_shardable(smollm2, 2)
+    check_shardable(smollm2, 2)
+    assert heads_divide(smollm2, 3) and not heads_divide(smollm2, 2)
+    with pytest.raises(ValueError, match="over 5 ranks: an MLP of width 96 do"):
+        check_shardable(smollm2, 5)
 
 
 def test_quantized_groups_must_divide_by_the_ranks():

@@ -5,6 +5,7 @@ base's `*_proj`), plus q/k norms where the base has them. It shares everything e
 attends non-causally over the layer's AR cache plus the block being drafted.
 """
 
+import logging
 from dataclasses import dataclass
 from typing import Any, List, Optional, Union
 
@@ -14,6 +15,7 @@ from mlx.nn.layers.distributed import shard_linear
 from mlx_lm.models.base import scaled_dot_product_attention
 from mlx_lm.models.cache import KVCache
 
+log = logging.getLogger("orthrus_mlx")
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 NORMS = ("q_norm", "k_norm")
 
@@ -80,16 +82,21 @@ class DiffusionAttention:
         return self.o_proj_diff(output.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
 
+def heads_divide(model: nn.Module, size: int) -> bool:
+    """Whether the attention (both views) splits by heads among `size` ranks."""
+    attn = model.layers[0].self_attn
+    return attn.n_heads % size == 0 and attn.n_kv_heads % size == 0
+
+
 def check_shardable(model: nn.Module, size: int) -> None:
-    """ValueError naming what does not divide among `size` ranks (heads, MLP width, quantized groups)."""
+    """ValueError naming what does not divide among `size` ranks (MLP width, quantized groups).
+    Heads that do not divide are no error: the attention then stays whole on every rank."""
     attn, mlp = model.layers[0].self_attn, model.layers[0].mlp
     problems = []
-    if attn.n_heads % size or attn.n_kv_heads % size:
-        problems.append(f"{attn.n_heads} query and {attn.n_kv_heads} key/value heads")
     width = linear_shape(mlp.gate_proj)[0]
     if width % size:
         problems.append(f"an MLP of width {width}")
-    for name in ("o_proj", "o_proj_diff"):
+    for name in ("o_proj", "o_proj_diff") if heads_divide(model, size) else ():
         module = getattr(attn, name, None)
         if isinstance(module, nn.QuantizedLinear) and module.scales.shape[-1] % size:
             problems.append(f"{name}'s {module.scales.shape[-1]} quantization groups per row")
@@ -99,6 +106,13 @@ def check_shardable(model: nn.Module, size: int) -> None:
         raise ValueError(
             f"This model cannot be split over {size} ranks: {' and '.join(problems)} do not divide by {size}"
         )
+
+
+def shard_mlp(mlp: nn.Module, group: mx.distributed.Group) -> None:
+    """mlx-lm's MLP split: gate and up by output rows, down by input columns, one all-sum."""
+    mlp.gate_proj = shard_linear(mlp.gate_proj, "all-to-sharded", group=group)
+    mlp.up_proj = shard_linear(mlp.up_proj, "all-to-sharded", group=group)
+    mlp.down_proj = shard_linear(mlp.down_proj, "sharded-to-all", group=group)
 
 
 class DiffusionBlock:
@@ -137,16 +151,28 @@ class DiffusionModel:
     def shard(self, group: Optional[mx.distributed.Group] = None) -> None:
         """Tensor parallelism, as mlx-lm's `shard`: each rank keeps its share of the heads of both
         views (q/k/v by output rows, o by input columns) and of the MLP, so that a pass costs one
-        all-sum per attention and per MLP, and each rank's KV cache holds its own heads."""
+        all-sum per attention and per MLP, and each rank's KV cache holds its own heads.
+
+        Heads that do not divide by the ranks (SmolLM2-135M's 9 and 3 over 2) keep the attention
+        whole on every rank, each computing it all, and split only the MLPs (one all-sum each)."""
         group = group or mx.distributed.init()
         check_shardable(self, group.size())
-        if self.has_diffusion:
-            for layer in self.layers:
+        if heads_divide(self, group.size()):
+            for layer in self.layers if self.has_diffusion else ():
                 attn = layer.self_attn
                 for name in ("q_proj_diff", "k_proj_diff", "v_proj_diff"):
                     setattr(attn, name, shard_linear(getattr(attn, name), "all-to-sharded", group=group))
                 attn.o_proj_diff = shard_linear(attn.o_proj_diff, "sharded-to-all", group=group)
-        super().shard(group)  # mlx-lm's: the AR projections, the head counts, the MLP
+            super().shard(group)  # mlx-lm's: the AR projections, the head counts, the MLP
+        else:
+            attn = self.layers[0].self_attn
+            if group.rank() == 0:
+                log.warning(
+                    "%d query and %d key/value heads do not divide by %d ranks: attention stays whole "
+                    "on every rank, only the MLPs are split", attn.n_heads, attn.n_kv_heads, group.size()
+                )
+            for layer in self.layers:
+                shard_mlp(layer.mlp, group)
         self.tensor_group = group
         vars(self).pop("_compiled_passes", None)
 
