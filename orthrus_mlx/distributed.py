@@ -4,8 +4,8 @@ Tensor parallelism (`Model.shard`) makes every rank run every pass; an all-sum a
 attention and each MLP hands all ranks the same hidden state, hence the same logits. What
 else decides a step must be the same everywhere, or the ranks' passes stop matching and they
 wait on each other forever: the sampling seed, and the step costs an adaptive block policy
-reads. Both are rank 0's, sent to the others here (a broadcast is an all-sum in which every
-other rank adds zeros).
+reads, and for the server each request (cli/server.py). All are rank 0's, sent to the others
+here (a broadcast is an all-sum in which every other rank adds zeros).
 """
 
 import random

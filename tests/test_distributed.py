@@ -20,6 +20,7 @@ from distributed_run import MAX_TOKENS, PROMPT, SERVER_FLAGS, ask_server
 from orthrus_mlx import cli
 from orthrus_mlx.cli import server
 from orthrus_mlx.cli.flags import command_policy, template_kwargs
+from orthrus_mlx.core.sampling import SamplingParams
 from orthrus_mlx.generate import mlx_generate
 from orthrus_mlx.loader import DEFAULT_MODEL, load
 from orthrus_mlx.models import model_classes
@@ -226,3 +227,23 @@ def test_quantized_groups_must_divide_by_the_ranks():
     nn.quantize(model, group_size=64, bits=8)  # o_proj: 192 inputs in 3 groups
     with pytest.raises(ValueError, match="o_proj's 3 quantization groups"):
         check_shardable(model, 2)
+
+
+def test_a_request_reaches_the_other_ranks_whole():
+    sampling = SamplingParams(0.7, 0.9, 5, 2**64 - 1, logit_bias={5: 1.5, 7: -2.0}, repetition_penalty=1.1)
+    req = server.Request([1, 2, 3], 9, sampling, stop=["\n\n", "é"], logprobs=True, top_logprobs=3)
+    back = server.request_from_bytes(server.request_bytes(req))
+    assert (back.prompt, back.max_tokens, back.sampling, back.stop, back.logprobs, back.top_logprobs) == (
+        req.prompt, req.max_tokens, req.sampling, req.stop, req.logprobs, req.top_logprobs
+    )
+    assert server.request_from_bytes(server.request_bytes(None)) is None  # the stop message
+
+
+def test_server_refuses_flags_it_cannot_follow_over_ranks(tmp_path):
+    parser = cli.ArgumentParser()
+    server.add_arguments(parser)
+    server.check_distributed_flags(parser.parse_args([]))
+    with pytest.raises(ValueError, match="--decode-concurrency does not run under mlx.launch"):
+        server.check_distributed_flags(parser.parse_args(["--decode-concurrency", "2"]))
+    with pytest.raises(ValueError, match="--prompt-cache-dir does not run under mlx.launch"):
+        server.check_distributed_flags(parser.parse_args(["--prompt-cache-dir", str(tmp_path)]))
