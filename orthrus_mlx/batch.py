@@ -5,7 +5,10 @@ The batch's KV cache is right-padded with a length per row. A step writes every 
 at that row's own length and advances each length by what the row accepted, so ragged
 acceptance needs no copy: a row's rejected slots sit past its length, masked, and the next
 step overwrites them. Masks and rotary positions are per row; newcomers are prefilled in
-chunks, one chunk per step, in a cache of their own, then copied into the batch.
+chunks, one chunk per step, in a cache of their own, then copied into the batch. A newcomer's
+cache may already hold a prefix of its prompt (a prompt cache, as mlx-lm's `BatchGenerator`
+takes one); only the rest is prefilled, and when the row leaves, that same cache list is
+refilled with everything the row holds, for the caller to keep for the next turn.
 
 Everything after the two passes is per row, by the row's own `MLXBackend`: its sampling
 parameters, random key (split only by its own draws), acceptance draws, logits processors
@@ -23,6 +26,8 @@ import mlx.core as mx
 from .backend import MLXBackend, adaptive_block, scores_from
 from .core.policy import BlockPolicy, block_policy
 from .core.sampling import SamplingParams
+from mlx_lm.models.cache import KVCache
+
 from .core.step import accept, as_token_list, check_request, eos_set
 from .generate import add_special_tokens, logits_processors_for, refuse_sampler
 from .models.qwen3 import Model
@@ -61,6 +66,14 @@ class BatchLayerCache:
         fit = lambda a: mx.pad(a, [(0, 0), (0, 0), (0, width - a.shape[2]), (0, 0)])
         self.keys = mx.concatenate([fit(self.keys), fit(keys)])
         self.values = mx.concatenate([fit(self.values), fit(values)])
+
+    def row(self, index: int, length: int) -> KVCache:
+        """Row `index`'s first `length` positions as a cache of its own (a copy, not a view that
+        would keep the whole batch's arrays alive)."""
+        cache = KVCache()
+        cache.keys, cache.values = (mx.contiguous(a[index : index + 1, :, :length]) for a in (self.keys, self.values))
+        cache.offset = length
+        return cache
 
     def keep_rows(self, rows: List[int]) -> None:
         if not rows:
@@ -115,6 +128,7 @@ class Row:
     eos: frozenset
     backend: MLXBackend  # its own cache while prefilling; key, processors, logprobs throughout
     rng: random.Random
+    prompt_cache: Optional[List[Any]] = None  # the caller's, refilled when the row leaves
     prefilled: int = 0
     token: int = -1  # the last emitted token, not yet in the cache
     emitted: int = 0
@@ -139,28 +153,45 @@ class BatchDecoder:
                temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
                seed: Optional[int] = None, block_size: Union[int, str, BlockPolicy, None] = None,
                eos_token_id: Union[int, Iterable[int], None] = None, use_diffusion: bool = True, *,
-               logprobs: bool = False, logits_processors: Optional[List[Any]] = None, **processing: Any) -> int:
+               logprobs: bool = False, logits_processors: Optional[List[Any]] = None,
+               prompt_cache: Optional[List[Any]] = None, **processing: Any) -> int:
         """Queue a sequence; returns its uid. Options are `mlx_generate`'s (`processing`: min_p,
-        the penalties, logit_bias), `logprobs` `mlx_generate_steps`'s."""
+        the penalties, logit_bias), `logprobs` `mlx_generate_steps`'s.
+
+        `prompt_cache` (the model's `make_cache()` kind) may hold the keys and values of the
+        prompt's first tokens, all but one at most; only the rest is prefilled. When the row
+        leaves (finished or removed), the list is refilled in place with what the row's cache
+        holds: the prompt and every emitted token but the last, maybe a few drafts past a stop,
+        as `PromptCache.commit` expects."""
         refuse_sampler(processing)
         prompt = as_token_list(prompt)
         params = SamplingParams(temperature, top_p, top_k, seed, **processing)
         processors = logits_processors_for(params, self.model.args.vocab_size) + list(logits_processors or [])
-        backend = MLXBackend(self.model, self.model.make_cache(), seed, logprobs, processors=processors)
+        cache = self.model.make_cache() if prompt_cache is None else prompt_cache
+        cached = cache[0].offset
+        if any(c.offset != cached for c in cache) or cached >= max(len(prompt), 1):
+            raise ValueError(f"The prompt cache must hold fewer positions than the prompt's {len(prompt)}, "
+                             f"the same in every layer; it holds {[c.offset for c in cache]}")
+        backend = MLXBackend(self.model, cache, seed, logprobs, processors=processors)
         check_request(prompt, max_tokens, backend)
         policy = block_policy(block_size, use_diffusion and self.model.has_diffusion,
                               self.model.block_size, lambda: adaptive_block(self.model))
         eos = eos_set(eos_token_id) | eos_set(self.model.args.eos_token_id)
-        row = Row(self.next_uid, prompt, max_tokens, params, policy, eos, backend, random.Random(seed))
+        row = Row(self.next_uid, prompt, max_tokens, params, policy, eos, backend, random.Random(seed),
+                  prompt_cache, prefilled=cached)
         self.next_uid += 1
         self.waiting.append(row)
         return row.uid
 
     def remove(self, uid: int) -> None:
         """Drop a sequence, finished or not (a cancelled request, a stop string)."""
-        self.waiting = [r for r in self.waiting if r.uid != uid]
+        self.waiting = [r for r in self.waiting if r.uid != uid]  # its cache holds what it prefilled
         keep = [i for i, r in enumerate(self.active) if r.uid != uid]
         if len(keep) < len(self.active):
+            leaving = next(i for i, r in enumerate(self.active) if r.uid == uid)
+            row = self.active[leaving]
+            if row.prompt_cache is not None:
+                row.prompt_cache[:] = [c.row(leaving, row.length) for c in self.cache]
             for c in self.cache:
                 c.keep_rows(keep)
             self.active = [self.active[i] for i in keep]
@@ -202,6 +233,8 @@ class BatchDecoder:
             for layer, c in zip(self.cache, cache):
                 layer.append_row(c.keys[:, :, : c.offset], c.values[:, :, : c.offset])
             row.backend.cache = None  # the batch holds it now
+            if row.prompt_cache is not None:
+                row.prompt_cache[:] = self.model.make_cache()  # until `remove` refills it
             self.active.append(row)
         first = row.backend.prefill_logprobs
         return [Emitted(row.uid, [row.token], finished, None if first is None else [first])]

@@ -100,6 +100,11 @@ class PromptCachePool:
     least recently used caches are also dropped after each commit until the rest fit.
     With a `disk` tier (prompt_disk.DiskTier), a cache leaving memory is written there, and a
     prompt that shares more with an entry on disk than with any cache in memory loads it back.
+
+    `take` and `commit` serve one generation at a time, which extends the cache it took in
+    place. Generations that run side by side (the batch) `lend` a cache instead: a fork, so
+    that the pool's own caches stay as they are, given back when the generation ends, where it
+    replaces the caches it extends (as mlx-lm's `LRUPromptCache.insert_cache` drops prefixes).
     """
 
     def __init__(self, model: Model, size: int = 4, max_bytes: Optional[int] = None, disk=None,
@@ -134,6 +139,22 @@ class PromptCachePool:
             self._evict(self.caches[0])
         self.caches.append(best)
         return best
+
+    def lend(self, prompt: Sequence[int]) -> PromptCache:
+        """A cache of its own holding the longest prefix of `prompt` the pool has (memory or
+        disk; all of the prompt but its last token at most), for `give_back`."""
+        pc = self.take(prompt)
+        return pc.fork(len(prompt) - len(pc.prepare(prompt)))
+
+    def give_back(self, pc: PromptCache, prompt: Sequence[int], emitted: Sequence[int]) -> None:
+        """Keep a lent cache after generating `emitted` from `prompt` (`pc.commit`'s arguments)."""
+        pc.commit(prompt, emitted)
+        for other in [c for c in self.caches if common_prefix_length(c.tokens, pc.tokens) == len(c.tokens)]:
+            self.caches.remove(other)  # all it holds, `pc` holds
+        if len(self.caches) >= self.size:
+            self._evict(self.caches[0])
+        self.caches.append(pc)
+        self.fit()
 
     def _from_disk(self, prompt: Sequence[int], shared_in_memory: int) -> Optional[PromptCache]:
         if self.disk is None:

@@ -594,10 +594,10 @@ class App:
 
     def batches(self, req: Request) -> bool:
         """Whether `req` decodes in the batch: any request, greedy or sampled, with logprobs
-        or logits processors, each row drawing what it draws alone (docs/DESIGN.md). The
-        one-at-a-time path also reuses prompt caches; the batch's cache has none of the KV
-        cache flags (--kv-bits, --max-kv-size): with them, every request takes the
-        one-at-a-time path rather than have its flags ignored."""
+        or logits processors, each row drawing what it draws alone (docs/DESIGN.md), both paths
+        reusing the same prompt cache pool. The batch's cache has none of the KV cache flags
+        (--kv-bits, --max-kv-size): with them, every request takes the one-at-a-time path
+        rather than have its flags ignored."""
         flags = self.defaults
         plain_cache = getattr(flags, "kv_bits", None) is None and getattr(flags, "max_kv_size", None) is None
         return self.batch is not None and plain_cache

@@ -4,9 +4,14 @@ with its own sampling, seed, logits processors and logprobs, as it decodes alone
 One coordinating thread owns a `BatchDecoder`; every decoder call runs on the model's thread (MLX
 evaluates a graph only on the stream of the thread that built it). While the batch holds
 requests it holds the server's generation lock, so a one-at-a-time request waits its turn.
+
+Each request borrows its prompt's longest cached prefix from the server's prompt cache pool (as
+the one-at-a-time path takes one) and prefills only the rest; its cache goes back to the pool
+when it leaves the batch, so the conversation's next turn finds it.
 """
 
 import copy
+import logging
 import queue
 import threading
 from typing import Any, Dict, List, Optional
@@ -16,6 +21,8 @@ from ..generate import SAMPLING_FIELDS
 from .server import Piece, StopStrings, logprob_entry
 
 END = object()
+
+log = logging.getLogger(__name__)
 
 
 class BatchedPieces:
@@ -31,6 +38,8 @@ class BatchedPieces:
         self.pending: List[Dict[str, Any]] = []  # logprob entries of tokens whose text has not gone out
         self.emitted = 0
         self.steps: List[int] = []
+        self.cache = None  # the PromptCache lent for this request, while it is in the batch
+        self.generated: List[int] = []  # every token the decoder emitted, past a stop string too
         usage.update(prompt_tokens=len(request.prompt), completion_tokens=0, total_tokens=len(request.prompt),
                      prompt_tokens_details={"cached_tokens": 0})
 
@@ -123,7 +132,8 @@ class BatchWorker:
                     self.admit(waiting, rows)
                     for uid in [uid for uid, pieces in rows.items() if pieces.closed]:
                         self.on_model_thread(self.decoder.remove, uid)
-                        rows.pop(uid).end()
+                        rows[uid].end()
+                        self.leave(rows, uid)
                     if rows:
                         self.step(rows)
 
@@ -136,15 +146,26 @@ class BatchWorker:
             request = pieces.request
             sampling = {name: getattr(request.sampling, name) for name in SAMPLING_FIELDS}
             try:
+                cache = self.on_model_thread(self.app.caches.lend, request.prompt)
                 uid = self.on_model_thread(
                     self.decoder.insert, request.prompt, request.max_tokens, block_size=block_size,
                     eos_token_id=list(self.eos), use_diffusion=use_diffusion, logprobs=request.logprobs,
-                    **sampling,
+                    prompt_cache=cache.cache, **sampling,
                 )
             except Exception as e:
                 pieces.fail(e)
                 continue
+            pieces.cache = cache
+            pieces.usage["prompt_tokens_details"] = {"cached_tokens": len(cache)}
             rows[uid] = pieces
+
+    def leave(self, rows: Dict[int, BatchedPieces], uid: int) -> None:
+        """Drop a row that has left the decoder; its cache goes back to the pool."""
+        pieces = rows.pop(uid)
+        try:
+            self.on_model_thread(self.app.caches.give_back, pieces.cache, pieces.request.prompt, pieces.generated)
+        except Exception as e:  # the answer is out; only the next turn's reuse is lost
+            log.error("could not keep a batched request's prompt cache: %s", e)
 
     def decode_step(self, rows: Dict[int, BatchedPieces]):
         """A decoder step and, per result, its tokens' logprob entries where the request asked
@@ -172,10 +193,11 @@ class BatchWorker:
             pieces = rows.get(uid)
             if pieces is None:
                 continue
+            pieces.generated += tokens
             done = pieces.feed(tokens, step_entries)
             if finished and not done:
                 pieces.end()
             if done or finished:
                 if not finished:
                     self.on_model_thread(self.decoder.remove, uid)
-                rows.pop(uid)
+                self.leave(rows, uid)
