@@ -22,12 +22,11 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, List, NamedTuple, Optional, Sequence, Union
 
 import mlx.core as mx
+from mlx_lm.models.cache import KVCache
 
 from .backend import MLXBackend, adaptive_block, scores_from
 from .core.policy import BlockPolicy, block_policy
 from .core.sampling import SamplingParams
-from mlx_lm.models.cache import KVCache
-
 from .core.step import accept, as_token_list, check_request, eos_set
 from .generate import add_special_tokens, logits_processors_for, refuse_sampler
 from .models.qwen3 import Model

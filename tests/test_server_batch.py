@@ -84,3 +84,51 @@ def test_concurrent_clients_get_their_alone_answers(tiny, monkeypatch):
     assert {kind for rows in together for kind in rows} >= {
         (False, False, False), (True, False, False), (False, True, True), (True, True, True)
     }
+
+
+def completion(server, body):
+    """(text, usage) of a completion, whole or streamed (with the usage chunk)."""
+    status, data = request(server, "POST", "/v1/completions", body)
+    assert status == 200, data
+    if not body.get("stream"):
+        return data["choices"][0]["text"], data["usage"]
+    events = [json.loads(line[6:]) for line in data.splitlines() if line.startswith("data: {")]
+    return "".join(e["choices"][0]["text"] for e in events if e["choices"]), events[-1]["usage"]
+
+
+def test_batched_turns_reuse_the_prompt_cache_pool(tiny, tmp_path):
+    """Three clients, two turns each, side by side: turn 2 prefills only what turn 1 did not
+    leave in the pool (a pool of 2, so some come back from the disk tier), and every answer is
+    the one-at-a-time server's."""
+    firsts = [
+        {"prompt": "def add(a, b):", "max_tokens": 16},
+        {"prompt": "import os\nimport sys\n\nclass Loader:", "max_tokens": 20, "temperature": 0.8, "seed": 5,
+         "stream": True, "stream_options": {"include_usage": True}},
+        {"prompt": "for i in range(10):\n    print(i)", "max_tokens": 12, "stop": ["\n\n"]},
+    ]
+    turns = [[None, None] for _ in firsts]
+    barrier = threading.Barrier(len(firsts))
+    with Served(*tiny, decode_concurrency=4, prompt_concurrency=2, prompt_cache_size=2,
+                prompt_cache_dir=str(tmp_path)) as served:
+        def client(i):
+            turns[i][0] = completion(served.address, firsts[i])
+            barrier.wait(timeout=120)  # every turn 2 arrives while the others decode
+            second = dict(firsts[i], prompt=firsts[i]["prompt"] + turns[i][0][0] + "\n# next")
+            turns[i][1] = completion(served.address, second)
+
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(len(firsts))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+
+    with Served(*tiny) as served:  # fresh, one at a time
+        alone = [completion(served.address, body)[0] for body in firsts]
+        alone += [completion(served.address, dict(body, prompt=body["prompt"] + first + "\n# next"))[0]
+                  for body, first in zip(firsts, alone)]
+    assert [t[0][0] for t in turns] + [t[1][0] for t in turns] == alone
+    for body, (first, second) in zip(firsts, turns):
+        assert first[1]["prompt_tokens_details"]["cached_tokens"] == 0
+        # All turn 1 left: its prompt and answer but the last token, which it never saw.
+        assert second[1]["prompt_tokens_details"]["cached_tokens"] == first[1]["total_tokens"] - 1
+    assert list(tmp_path.rglob("*.safetensors"))  # the pool of 2 spilled to disk
