@@ -145,3 +145,32 @@ def test_batch_generate_texts_equal_generate(tiny):
     assert response.texts == [
         generate(model, tokenizer, p, max_tokens=n, block_size=4) for p, n in zip(PROMPTS, [20, 30, 10, 25])
     ]
+
+
+def test_prompt_cache_in_and_out(tiny):
+    """A row given a cache holding part of its prompt prefills the rest and gets its alone tokens;
+    leaving (removed mid-prefill, or finished), it refills that cache with what it holds: the
+    keys and values a fresh prefill of those tokens computes."""
+    model, tokenizer = tiny
+    prompt = tokenizer.encode(PROMPTS[1])
+    options = dict(max_tokens=20, block_size=4, temperature=0.8, seed=6)
+    alone = list(mlx_generate(model, prompt, **options))
+    decoder = BatchDecoder(model, prefill_chunk=8)
+    cache = model.make_cache()
+    uid = decoder.insert(prompt, prompt_cache=cache, **options)
+    decoder.step()
+    decoder.remove(uid)  # a client that left while its prompt prefilled
+    assert [c.offset for c in cache] == [8] * len(cache)
+
+    other = decoder.insert(tokenizer.encode(PROMPTS[0]), max_tokens=30, block_size=4)
+    uid = decoder.insert(prompt, prompt_cache=cache, **options)
+    tokens = {other: [], uid: []}
+    run(decoder, [other, uid], tokens)
+    assert tokens[uid] == alone
+    held = len(prompt) + len(alone) - 1
+    assert [c.offset for c in cache] == [held] * len(cache)
+    fresh = model.make_cache()
+    model(mx.array((prompt + alone)[:held])[None], cache=fresh)
+    for c, f in zip(cache, fresh):
+        np.testing.assert_allclose(np.array(c.keys[..., :held, :]), np.array(f.keys[..., :held, :]), atol=1e-5)
+        np.testing.assert_allclose(np.array(c.values[..., :held, :]), np.array(f.values[..., :held, :]), atol=1e-5)
