@@ -10,6 +10,7 @@ from orthrus_mlx import batch_generate, generate, load, mlx_generate
 from orthrus_mlx.batch import BatchDecoder
 from orthrus_mlx.core.sampling import SamplingParams
 from orthrus_mlx.generate import mlx_generate_steps
+from orthrus_mlx.prompt_cache import PromptCachePool
 from orthrus_mlx.testing import random_checkpoint, tiny_llama_config
 
 TINY = Path(__file__).resolve().parents[1] / "orthrus_mlx" / "assets" / "orthrus-tiny"
@@ -148,29 +149,33 @@ def test_batch_generate_texts_equal_generate(tiny):
 
 
 def test_prompt_cache_in_and_out(tiny):
-    """A row given a cache holding part of its prompt prefills the rest and gets its alone tokens;
-    leaving (removed mid-prefill, or finished), it refills that cache with what it holds: the
-    keys and values a fresh prefill of those tokens computes."""
+    """A row given a cache holding part of its prompt (lent by a pool) prefills the rest and gets
+    its alone tokens; leaving (removed mid-prefill, or finished), it refills that cache with what
+    it holds, the keys and values a fresh prefill of those tokens computes, which the pool keeps
+    in place of the shorter cache it extends."""
     model, tokenizer = tiny
     prompt = tokenizer.encode(PROMPTS[1])
     options = dict(max_tokens=20, block_size=4, temperature=0.8, seed=6)
     alone = list(mlx_generate(model, prompt, **options))
-    decoder = BatchDecoder(model, prefill_chunk=8)
-    cache = model.make_cache()
-    uid = decoder.insert(prompt, prompt_cache=cache, **options)
+    decoder, pool = BatchDecoder(model, prefill_chunk=8), PromptCachePool(model)
+    lent = pool.lend(prompt)
+    uid = decoder.insert(prompt, prompt_cache=lent.cache, **options)
     decoder.step()
     decoder.remove(uid)  # a client that left while its prompt prefilled
-    assert [c.offset for c in cache] == [8] * len(cache)
+    pool.give_back(lent, prompt, [])
 
+    lent = pool.lend(prompt)
+    assert len(lent) == 8 and [c.offset for c in lent.cache] == [8] * len(lent.cache)
     other = decoder.insert(tokenizer.encode(PROMPTS[0]), max_tokens=30, block_size=4)
-    uid = decoder.insert(prompt, prompt_cache=cache, **options)
+    uid = decoder.insert(prompt, prompt_cache=lent.cache, **options)
     tokens = {other: [], uid: []}
     run(decoder, [other, uid], tokens)
     assert tokens[uid] == alone
+    pool.give_back(lent, prompt, tokens[uid])
     held = len(prompt) + len(alone) - 1
-    assert [c.offset for c in cache] == [held] * len(cache)
+    assert [len(pc) for pc in pool.caches] == [held]
     fresh = model.make_cache()
     model(mx.array((prompt + alone)[:held])[None], cache=fresh)
-    for c, f in zip(cache, fresh):
+    for c, f in zip(lent.cache, fresh):
         np.testing.assert_allclose(np.array(c.keys[..., :held, :]), np.array(f.keys[..., :held, :]), atol=1e-5)
         np.testing.assert_allclose(np.array(c.values[..., :held, :]), np.array(f.values[..., :held, :]), atol=1e-5)

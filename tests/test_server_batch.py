@@ -121,7 +121,10 @@ def test_batched_turns_reuse_the_prompt_cache_pool(tiny, tmp_path):
             t.start()
         for t in threads:
             t.join(timeout=120)
+        held = sorted(len(pc) for pc in served.app.caches.caches)
 
+    # The pool (of 2) holds whole turn-2 conversations, as their rows left the batch.
+    assert len(held) == 2 and set(held) <= {second[1]["total_tokens"] - 1 for _, second in turns}
     with Served(*tiny) as served:  # fresh, one at a time
         alone = [completion(served.address, body)[0] for body in firsts]
         alone += [completion(served.address, dict(body, prompt=body["prompt"] + first + "\n# next"))[0]
