@@ -324,8 +324,8 @@ def positions_rows(model_name: str, block_sizes, positions, num_questions: int, 
         MLXBackend(model, cache).prefill(head + document, SamplingParams())  # chunks of 2048, as generate
         mx.eval([c.state for c in cache])
     result["prefill_s"] = time.perf_counter() - tic
-    for position in positions:
-        for K in block_sizes:
+    for K in block_sizes:  # every position at the first K before the next K
+        for position in positions:
             steps, outputs = [], []
             tic = time.perf_counter()
             for question in questions:
