@@ -59,9 +59,9 @@ class BatchedPieces:
     def close(self) -> None:
         self.closed = True  # the batch thread drops the row at its next step
 
-    def feed(self, tokens: List[int], entries: Optional[List[Dict[str, Any]]] = None) -> bool:
-        """Turn a step's tokens (and their logprob `entries`) into pieces; True once the request
-        is done (EOS, length, stop)."""
+    def feed(self, tokens: List[int], entries: Optional[List[Dict[str, Any]]] = None) -> Optional[Piece]:
+        """Turn a step's tokens (and their logprob `entries`) into pieces; once the request is
+        done (EOS, length, stop), its last piece, held back for `end`."""
         if tokens and self.emitted:
             self.steps.append(len(tokens))
         for i, token in enumerate(tokens):
@@ -76,13 +76,13 @@ class BatchedPieces:
                 self.pending.append(entries[i])
             text, stopped = self.stops.feed(self.detokenizer.last_segment)
             if stopped:
-                return self.end(Piece(text, "stop", self.pending, self.stops.matched))
+                return Piece(text, "stop", self.pending, self.stops.matched)
             if finish:
-                return self.end(Piece(text + self.stops.flush(), finish, self.pending))
+                return Piece(text + self.stops.flush(), finish, self.pending)
             if text:
                 self.out.put(Piece(text, None, self.pending))
                 self.pending = []
-        return False
+        return None
 
     def update_usage(self) -> None:
         self.usage.update(completion_tokens=self.emitted, total_tokens=len(self.request.prompt) + self.emitted)
@@ -90,11 +90,10 @@ class BatchedPieces:
         self.usage["orthrus"] = {"steps": len(self.steps),
                                  "mean_tokens_per_step": round(sum(self.steps) / steps, 3)}
 
-    def end(self, last: Optional[Piece] = None) -> bool:
+    def end(self, last: Optional[Piece] = None) -> None:
         if last is not None:
             self.out.put(last)
         self.out.put(END)
-        return True
 
     def fail(self, error: BaseException) -> None:
         self.out.put(error)
@@ -132,7 +131,6 @@ class BatchWorker:
                     self.admit(waiting, rows)
                     for uid in [uid for uid, pieces in rows.items() if pieces.closed]:
                         self.on_model_thread(self.decoder.remove, uid)
-                        rows[uid].end()
                         self.leave(rows, uid)
                     if rows:
                         self.step(rows)
@@ -159,13 +157,16 @@ class BatchWorker:
             pieces.usage["prompt_tokens_details"] = {"cached_tokens": len(cache)}
             rows[uid] = pieces
 
-    def leave(self, rows: Dict[int, BatchedPieces], uid: int) -> None:
-        """Drop a row that has left the decoder; its cache goes back to the pool."""
+    def leave(self, rows: Dict[int, BatchedPieces], uid: int, last: Optional[Piece] = None) -> None:
+        """Drop a row that has left the decoder and end its answer with `last`: its cache goes
+        back to the pool first, so that a client's next turn, sent as soon as this one ends,
+        finds it."""
         pieces = rows.pop(uid)
         try:
             self.on_model_thread(self.app.caches.give_back, pieces.cache, pieces.request.prompt, pieces.generated)
-        except Exception as e:  # the answer is out; only the next turn's reuse is lost
+        except Exception as e:  # only the next turn's reuse is lost
             log.error("could not keep a batched request's prompt cache: %s", e)
+        pieces.end(last)
 
     def decode_step(self, rows: Dict[int, BatchedPieces]):
         """A decoder step and, per result, its tokens' logprob entries where the request asked
@@ -194,10 +195,8 @@ class BatchWorker:
             if pieces is None:
                 continue
             pieces.generated += tokens
-            done = pieces.feed(tokens, step_entries)
-            if finished and not done:
-                pieces.end()
-            if done or finished:
+            last = pieces.feed(tokens, step_entries)
+            if last is not None or finished:
                 if not finished:
                     self.on_model_thread(self.decoder.remove, uid)
-                self.leave(rows, uid)
+                self.leave(rows, uid, last)
