@@ -115,3 +115,56 @@ def test_kept_teacher_passes_equal_fresh_ones(llama_base):
         for a, b in zip(fresh, kept):
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     assert sorted(teachers.rows) == [0, 1, 2, 3, 5]
+
+
+def test_greedy_decode_steps_equal_a_real_decode(llama_base, tmp_path):
+    """The teacher-forced walk over a base's own greedy answers gives, step for step, the tokens
+    per step that greedy decoding with the drafter emits (the shared step on the torch backend),
+    at every block length: the trainer's diffusion pass drafts what the decoder drafts."""
+    import copy
+
+    from orthrus_mlx.core.step import DecodeStats
+    from orthrus_mlx.torch_backend.generate import torch_generate
+    from orthrus_mlx.train.drafter import greedy_decode_steps
+    from orthrus_mlx.train.evaluate import ar_greedy
+
+    model = copy.deepcopy(llama_base)
+    cfg = DistillConfig(steps=15, batch=8, block_sizes=(4, 8), block_tokens_per_seq=32, lr=1e-2,
+                        warmup=3, eval_every=100, checkpoint_minutes=0)
+    distill(model, Sequences(counting_rows(64, 1), EOS), Sequences(counting_rows(4, 2), EOS), cfg, tmp_path,
+            log=lambda s: None)
+    max_tokens = 24
+    prompts = [r["prompt_ids"] for r in counting_rows(6, 5)]
+    rows = [{"prompt_ids": p, "answer_ids": ar_greedy(model, p, max_tokens, [EOS])} for p in prompts]
+    for K in (2, 4, 8):
+        decoded = []
+        for p, r in zip(prompts, rows):
+            stats = DecodeStats()
+            out = list(torch_generate(model, p, EOS, max_tokens, block_size=K, stats=stats))
+            assert out == r["answer_ids"]
+            decoded += stats.tokens_per_step
+        walked = greedy_decode_steps(model, Sequences(rows, EOS), K, max_tokens=max_tokens)
+        assert walked == decoded, K
+        if K > 2:
+            assert len(set(decoded)) > 2, decoded  # accepted runs of several lengths: a real check
+
+
+def test_index_decay_weights_the_block_indices():
+    """decay 1: the plain mean KL over positions; decay 0: block index 0 alone; between: a
+    weighted mean with index i weighted decay**i (against torch's own kl_div)."""
+    import torch.nn.functional as F
+
+    from orthrus_mlx.train.diffusion import kl_loss
+
+    gen = torch.Generator().manual_seed(0)
+    student, teacher = torch.randn(2, 3, 4, 11, generator=gen), torch.randn(2, 3, 4, 11, generator=gen)
+
+    def mean_kl(s, t):
+        return F.kl_div(F.log_softmax(s.flatten(0, -2), -1), F.log_softmax(t.flatten(0, -2), -1),
+                        log_target=True, reduction="batchmean")
+
+    per_index = torch.stack([mean_kl(student[..., i, :], teacher[..., i, :]) for i in range(4)])
+    torch.testing.assert_close(kl_loss(student, teacher), mean_kl(student, teacher))
+    torch.testing.assert_close(kl_loss(student, teacher, 0.0), per_index[0])
+    weights = 0.5 ** torch.arange(4.0)
+    torch.testing.assert_close(kl_loss(student, teacher, 0.5), (weights * per_index).sum() / weights.sum())

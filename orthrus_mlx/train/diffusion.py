@@ -59,11 +59,17 @@ def distill_logits(model: Model, ids: torch.Tensor, starts: torch.Tensor, block_
     return student, teacher.view(B, nb, K - 1, -1)
 
 
-def kl_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-    """Mean over positions of KL(teacher || student)."""
-    log_s = F.log_softmax(student.float().flatten(0, -2), dim=-1)
-    log_t = F.log_softmax(teacher.float().flatten(0, -2), dim=-1)
-    return F.kl_div(log_s, log_t, log_target=True, reduction="batchmean")
+def kl_loss(student: torch.Tensor, teacher: torch.Tensor, index_decay: float = 1.0) -> torch.Tensor:
+    """KL(teacher || student) averaged over positions, block index i weighted by index_decay**i.
+
+    Index i of a block is verified only if indices 0..i-1 were accepted, so with a decay below 1
+    the loss spends the drafter's capacity where acceptance is decided (student and teacher are
+    [..., K-1, V], the block index second to last)."""
+    log_s = F.log_softmax(student.float(), dim=-1)
+    log_t = F.log_softmax(teacher.float(), dim=-1)
+    per_position = (log_t.exp() * (log_t - log_s)).sum(-1)  # [..., K-1]
+    weights = index_decay ** torch.arange(per_position.shape[-1], device=per_position.device, dtype=per_position.dtype)
+    return ((per_position * weights).sum(-1) / weights.sum()).mean()
 
 
 @torch.no_grad()

@@ -11,6 +11,8 @@ BASE is a Hugging Face folder or repo id, or a GGUF file. Stages, each resumable
    index of a block [x_s, MASK, ...] drawn inside an answer. Checkpoints every few minutes; a
    rerun continues where the last one stopped.
 3. export: the adapter folder (diffusion tensors + a config naming its base).
+eval (on request): greedy tokens per step on the held-out answers at each K, teacher-forced
+(`greedy_decode_steps`: minutes, where decoding the prompts takes an hour on a CPU).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import json
 import math
 import os
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -32,7 +35,7 @@ from orthrus_mlx.torch_backend.model import Model, ModelArgs
 from .chat_prompts import heldout_prompts, training_prompts
 from .diffusion import distill_logits, freeze_base, kl_loss
 from .schedule import cosine_lr
-from .views import ar_hidden
+from .views import ar_hidden, block_inputs, diffusion_pass
 
 
 @dataclass
@@ -46,10 +49,11 @@ class DistillConfig:
     lr: float = 3e-4
     warmup: int = 20
     seed: int = 0
-    eval_every: int = 50
+    eval_every: int = 100
     checkpoint_minutes: float = 5.0
     bf16: bool = False  # autocast the passes to bfloat16 (for GPUs; not faster on the CPUs tried)
     keep_teacher: bool = True  # keep each row's teacher pass in memory (~14 MB per row for SmolLM2)
+    index_decay: float = 1.0  # loss weight of block index i is index_decay**i (see kl_loss)
 
 
 # ---- the base -------------------------------------------------------------------------
@@ -197,7 +201,8 @@ class TeacherPasses:
 
 @torch.no_grad()
 def evaluate(model: Model, data: Sequences, K: int, blocks: int = 4, seed: int = 1234) -> dict:
-    """Held-out KL and the teacher-forced accepted prefix + 1 (a proxy for tokens per step)."""
+    """Held-out KL, top-1 agreement per block index and the teacher-forced accepted prefix + 1 at
+    random starts, and greedy decoding's tokens per step (`greedy_decode_steps`)."""
     gen = torch.Generator().manual_seed(seed)
     kls, accepted, agree = [], [], []
     for i in range(0, len(data), 8):
@@ -208,8 +213,48 @@ def evaluate(model: Model, data: Sequences, K: int, blocks: int = 4, seed: int =
         accepted.append(match.cumprod(-1).sum(-1).flatten() + 1)
         agree.append(match.flatten(0, 1))
     agree = torch.cat(agree)
+    steps = greedy_decode_steps(model, data, K)
     return {"kl": float(np.mean(kls)), "tokens_per_block": torch.cat(accepted).mean().item(),
+            "tokens_per_step": sum(steps) / max(len(steps), 1),
             "top1_per_index": [round(v, 3) for v in agree.mean(0).tolist()]}
+
+
+@torch.no_grad()
+def greedy_decode_steps(model: Model, data: Sequences, K: int, max_tokens: int = 128, chunk: int = 64) -> List[int]:
+    """Tokens per step that greedy decoding with blocks of K would emit on each row, teacher-forced.
+
+    A row's answer is the base's own greedy output, so decoding its prompt retraces it: the first
+    token comes from the prefill, then each step drafts the block [x_s, MASK, ...] at the last
+    emitted token s, keeps the drafts that equal the answer's next tokens and emits them plus the
+    bonus token. Unlike a mean over blocks at random starts (the proxy of `evaluate`), which
+    weights every position once, this weights each position by how often decoding lands on it,
+    which is what tokens per step measures. Only the drafts are computed (every start of the
+    row in one diffusion pass per `chunk` blocks); the walk over starts is then free."""
+    steps: List[int] = []
+    mask_id = model.args.mask_token_id
+    for row, answer in data.rows:
+        row = row[: answer + max_tokens]
+        total = len(row) - answer
+        ids = torch.tensor(row + [data.pad_id] * K)[None]
+        _, kvs = ar_hidden(model, ids)
+        drafts = {}
+        candidates = list(range(answer, len(row) - 1))
+        for i in range(0, len(candidates), chunk):
+            starts = torch.tensor(candidates[i : i + chunk])[None]
+            tokens, positions, mask = block_inputs(ids, starts, K, mask_id)
+            logits = diffusion_pass(model, kvs, tokens, positions, mask).view(starts.shape[1], K, -1)
+            for s, d in zip(starts[0].tolist(), logits[:, :-1].argmax(-1).tolist()):
+                drafts[s] = d
+        s, emitted = answer, 1
+        while emitted < total:
+            accepted = 0
+            while accepted < K - 1 and s + accepted + 1 < len(row) and drafts[s][accepted] == row[s + accepted + 1]:
+                accepted += 1
+            n = min(accepted + 1, total - emitted)
+            steps.append(n)
+            emitted += n
+            s += n
+    return steps
 
 
 def save_checkpoint(path: Path, model: Model, opt, step: int, gen: torch.Generator, history: list) -> None:
@@ -283,7 +328,7 @@ def distill(model: Model, train: Sequences, heldout: Sequences, cfg: DistillConf
         teacher_pass = teachers.batch(index, ids.shape[1]) if teachers else None
         with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
             student, teacher = distill_logits(model, ids, starts, K, teacher_pass)
-        loss = kl_loss(student, teacher)
+        loss = kl_loss(student, teacher, cfg.index_decay)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -324,10 +369,14 @@ def main(argv=None) -> None:
                    help="keep each row's base pass in memory after its first use (faster; ~14 MB/row at 135M)")
     p.add_argument("--bf16", action="store_true", help="autocast to bfloat16 (GPUs)")
     p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--index-decay", type=float, default=1.0,
+                   help="weight block index i of the loss by this**i (below 1: favour early indices)")
     p.add_argument("--adapter-bits", type=int, choices=[4, 8], default=None, help="quantize the exported adapter")
     p.add_argument("--train-block-sizes", default="4,8,16", help="K drawn per training step")
     p.add_argument("--init-adapter", type=Path, default=None,
                    help="start the diffusion view from this adapter folder instead of the AR view")
+    p.add_argument("--eval-block-sizes", default="4,8,16", help="K of the eval stage")
+    p.add_argument("--eval-tokens", type=int, default=128, help="answer tokens the eval stage decodes")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--device", default="cpu")
     args = p.parse_args(argv)
@@ -347,11 +396,24 @@ def main(argv=None) -> None:
             load_diffusion(model, adapter_tensors(args.init_adapter))
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         cfg = DistillConfig(steps=args.steps, minutes=args.minutes, batch=args.batch, lr=args.lr,
-                            bf16=args.bf16, keep_teacher=args.keep_teacher,
+                            bf16=args.bf16, keep_teacher=args.keep_teacher, index_decay=args.index_decay,
                             block_sizes=tuple(int(k) for k in args.train_block_sizes.split(",")))
         summary = distill(model, Sequences(read_rollouts(run / "rollouts.jsonl"), pad),
                           Sequences(read_rollouts(run / "heldout.jsonl"), pad), cfg, run)
         (run / "summary.json").write_text(json.dumps(summary, indent=1))
+    if "eval" in stages:
+        model = torch_base(weights, config, args.block_size, mask).to(args.device)
+        trained = run / "checkpoint.pt"
+        if trained.is_file():
+            load_diffusion(model, torch.load(trained, weights_only=False)["diffusion"])
+        elif args.init_adapter:
+            load_diffusion(model, adapter_tensors(args.init_adapter))
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        heldout = Sequences(read_rollouts(run / "heldout.jsonl"), pad)
+        for K in (int(k) for k in args.eval_block_sizes.split(",")):
+            steps = greedy_decode_steps(model, heldout, K, args.eval_tokens)
+            print(f"K={K}: {sum(steps) / len(steps):.3f} tokens per step over {len(heldout)} held-out answers "
+                  f"({len(steps)} steps), histogram {dict(sorted(Counter(steps).items()))}", flush=True)
     if "export" in stages:
         state = torch.load(run / "checkpoint.pt", weights_only=False)
         out = args.out or run / "adapter"
