@@ -170,8 +170,7 @@ def single_process_answers() -> dict:
     try:
         return ask_server(httpd.server_address[:2])
     finally:
-        httpd.shutdown()
-        httpd.server_close()
+        httpd.stop(timeout=120)
 
 
 def test_server_answers_from_rank_zero_as_one_process_does(ranks):

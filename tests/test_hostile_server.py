@@ -76,10 +76,10 @@ def served(loaded, tmp_path_factory):
         try:
             yield SimpleNamespace(address=httpd.server_address[:2], app=app, log=lines.lines, expected=expected)
         finally:
-            httpd.shutdown()
-            httpd.server_close()
+            stopped = httpd.stop(timeout=120)
             logger.removeHandler(lines)
             logger.setLevel(level)
+        assert stopped, "a request handler was still running"
 
 
 def answers_normally(served):
@@ -423,7 +423,7 @@ def test_a_burst_of_fifty_connections_is_queued_not_reset(served):
         for s in sockets:
             s.close()
         if serving is not None:
-            httpd.shutdown()
+            assert httpd.stop(timeout=120), "a request handler was still running"
         httpd.server_close()
     answers_normally(served)
 

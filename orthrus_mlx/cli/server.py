@@ -104,6 +104,10 @@ class ModelThread:
         self.jobs.put((future, fn, args, kwargs))
         return future
 
+    def drain(self) -> None:
+        """Wait until every job submitted so far has run; the thread stays, idle."""
+        self.submit(lambda: None).result()
+
     def _run(self) -> None:
         while True:
             future, fn, args, kwargs = self.jobs.get()
@@ -512,6 +516,14 @@ class App:
 
             self.batch = BatchWorker(self, concurrency, getattr(defaults, "prompt_concurrency", 1))
         self.created = int(time.time())
+
+    def close(self) -> None:
+        """Wait until none of this app's MLX work is left: the batch's requests ended and the
+        model thread idle. Call it once no handler can start another request (`Server.stop`):
+        MLX must not run on this app's thread while the caller's thread runs it too."""
+        if self.batch is not None:
+            self.batch.wait_idle()
+        self.model_thread.drain()
 
     def encode(self, text: str, add_special_tokens: bool) -> List[int]:
         if len(text) > MAX_PROMPT_CHARS:
@@ -1210,8 +1222,23 @@ def make_server(app: App, host: str, port: int) -> ThreadingHTTPServer:
 
     class Server(ThreadingHTTPServer):
         address_family = family
-        daemon_threads = True
+        daemon_threads = True  # a client that never finishes its request cannot hold the exit
         request_queue_size = LISTEN_BACKLOG
+        handlers = 0  # handler threads running (daemon threads are not joined by server_close)
+        handlers_changed = threading.Condition()
+
+        def process_request(self, request, client_address) -> None:
+            with self.handlers_changed:
+                self.handlers += 1
+            super().process_request(request, client_address)
+
+        def process_request_thread(self, request, client_address) -> None:
+            try:
+                super().process_request_thread(request, client_address)
+            finally:
+                with self.handlers_changed:
+                    self.handlers -= 1
+                    self.handlers_changed.notify_all()
 
         def handle_error(self, request, client_address) -> None:
             # A client that left before its answer was written is no server error.
@@ -1219,6 +1246,18 @@ def make_server(app: App, host: str, port: int) -> ThreadingHTTPServer:
                 log.info("%s left before its answer was written", client_address[0])
             else:
                 super().handle_error(request, client_address)
+
+        def stop(self, timeout: Optional[float] = None) -> bool:
+            """Stop serving (from another thread than `serve_forever`'s) and wait until no work
+            of this server is left: its handlers returned, the app's model thread idle. False
+            if handlers were still running after `timeout` seconds (the app is left as it is)."""
+            self.shutdown()
+            self.server_close()
+            with self.handlers_changed:
+                if not self.handlers_changed.wait_for(lambda: self.handlers == 0, timeout):
+                    return False
+            self.app.close()
+            return True
 
     httpd = Server(address, Handler)
     httpd.app = app

@@ -109,12 +109,27 @@ class BatchWorker:
         self.incoming: "queue.SimpleQueue[Any]" = queue.SimpleQueue()
         self.eos = frozenset(app.tokenizer.eos_token_ids)
         self.decoder: Optional[BatchDecoder] = None
+        self.requests = 0  # handed in and not ended yet
+        self.requests_changed = threading.Condition()
         threading.Thread(target=self.run, name="orthrus-mlx-batch", daemon=True).start()
 
     def pieces(self, request, usage: Dict[str, Any], block_size: Any, use_diffusion: bool) -> BatchedPieces:
         pieces = BatchedPieces(request, usage, self.app.tokenizer, self.eos)
+        with self.requests_changed:
+            self.requests += 1
         self.incoming.put((pieces, block_size, use_diffusion))
         return pieces
+
+    def ended(self) -> None:
+        """A request left for good: its model-thread work (its row's removal, its cache's return) is done."""
+        with self.requests_changed:
+            self.requests -= 1
+            self.requests_changed.notify_all()
+
+    def wait_idle(self) -> None:
+        """Wait until every request handed in has ended (a closed one leaves at the next step)."""
+        with self.requests_changed:
+            self.requests_changed.wait_for(lambda: self.requests == 0)
 
     def on_model_thread(self, fn, *args, **kwargs):
         return self.app.model_thread.submit(fn, *args, **kwargs).result()
@@ -140,6 +155,7 @@ class BatchWorker:
             pieces, block_size, use_diffusion = waiting.pop(0)
             if pieces.closed:
                 pieces.end()
+                self.ended()
                 continue
             request = pieces.request
             sampling = {name: getattr(request.sampling, name) for name in SAMPLING_FIELDS}
@@ -152,6 +168,7 @@ class BatchWorker:
                 )
             except Exception as e:
                 pieces.fail(e)
+                self.ended()
                 continue
             pieces.cache = cache
             pieces.usage["prompt_tokens_details"] = {"cached_tokens": len(cache)}
@@ -167,6 +184,7 @@ class BatchWorker:
         except Exception as e:  # only the next turn's reuse is lost
             log.error("could not keep a batched request's prompt cache: %s", e)
         pieces.end(last)
+        self.ended()
 
     def decode_step(self, rows: Dict[int, BatchedPieces]):
         """A decoder step and, per result, its tokens' logprob entries where the request asked
@@ -185,10 +203,12 @@ class BatchWorker:
         try:
             results, entries = self.on_model_thread(self.decode_step, rows)
         except Exception as e:  # a bug: every request of the batch fails, the server keeps serving
-            for pieces in rows.values():
-                pieces.fail(e)
+            failed = list(rows.values())
             rows.clear()
             self.decoder = self.on_model_thread(BatchDecoder, self.app.model)
+            for pieces in failed:
+                pieces.fail(e)
+                self.ended()
             return
         for (uid, tokens, finished, _), step_entries in zip(results, entries):
             pieces = rows.get(uid)
