@@ -232,15 +232,16 @@ def greedy_decode_steps(model: Model, data: Sequences, K: int, max_tokens: int =
     row in one diffusion pass per `chunk` blocks); the walk over starts is then free."""
     steps: List[int] = []
     mask_id = model.args.mask_token_id
+    device = model.model.embed_tokens.weight.device
     for row, answer in data.rows:
         row = row[: answer + max_tokens]
         total = len(row) - answer
-        ids = torch.tensor(row + [data.pad_id] * K)[None]
+        ids = torch.tensor(row, device=device)[None]  # blocks past the row's end read only its keys
         _, kvs = ar_hidden(model, ids)
         drafts = {}
         candidates = list(range(answer, len(row) - 1))
         for i in range(0, len(candidates), chunk):
-            starts = torch.tensor(candidates[i : i + chunk])[None]
+            starts = torch.tensor(candidates[i : i + chunk], device=device)[None]
             tokens, positions, mask = block_inputs(ids, starts, K, mask_id)
             logits = diffusion_pass(model, kvs, tokens, positions, mask).view(starts.shape[1], K, -1)
             for s, d in zip(starts[0].tolist(), logits[:, :-1].argmax(-1).tolist()):
@@ -390,11 +391,11 @@ def main(argv=None) -> None:
         make_rollouts(args.base, heldout_prompts(), run / "heldout.jsonl", args.answer_tokens)
     weights, config, tokenizer = base_weights(args.base)
     mask = args.mask_token_id if args.mask_token_id is not None else default_mask_token(tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     if "distill" in stages:
         model = torch_base(weights, config, args.block_size, mask).to(args.device)
         if args.init_adapter and not (run / "checkpoint.pt").is_file():
             load_diffusion(model, adapter_tensors(args.init_adapter))
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         cfg = DistillConfig(steps=args.steps, minutes=args.minutes, batch=args.batch, lr=args.lr,
                             bf16=args.bf16, keep_teacher=args.keep_teacher, index_decay=args.index_decay,
                             block_sizes=tuple(int(k) for k in args.train_block_sizes.split(",")))
@@ -408,7 +409,6 @@ def main(argv=None) -> None:
             load_diffusion(model, torch.load(trained, weights_only=False)["diffusion"])
         elif args.init_adapter:
             load_diffusion(model, adapter_tensors(args.init_adapter))
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         heldout = Sequences(read_rollouts(run / "heldout.jsonl"), pad)
         for K in (int(k) for k in args.eval_block_sizes.split(",")):
             steps = greedy_decode_steps(model, heldout, K, args.eval_tokens)
