@@ -13,6 +13,7 @@ CPU RoPE rebuilds them on every call; on Metal it is one fused kernel).
 """
 
 import math
+import weakref
 from typing import Any, Callable, List, Optional
 
 import mlx.core as mx
@@ -21,6 +22,19 @@ from mlx_lm.models.base import scaled_dot_product_attention
 
 from .core.step import per_model
 from .models.diffusion import DiffusionModel as Model
+
+# MLX keys a compiled function's traces by the address of the Python function it wraps, so a
+# trace left behind by a freed function is replayed for any later function at that address. In
+# one long test process a model's pass once ran another model's trace (its weights, its head
+# size: a shape error, or wrong tokens where the shapes agreed). Every function compiled here is
+# kept for the life of the process, so no two ever share an address; each holds its passes only
+# weakly, so a model is still freed with its passes and traces.
+_COMPILED_FUNCTIONS: List[Callable] = []
+
+
+def _compile(fun: Callable) -> Callable:
+    _COMPILED_FUNCTIONS.append(fun)
+    return mx.compile(fun)
 
 
 def _identity(x: mx.array) -> mx.array:
@@ -48,11 +62,11 @@ class CompiledPasses:
         # below; Llama 3 / YaRN / NTK scaling and the interleaved layout keep the model's RoPE.
         self.shared_rope = shared_rope and type(rope) is nn.RoPE and not rope.traditional
         views = ["verify", "draft"] if model.has_diffusion else ["verify"]
-        self.enter = {v: mx.compile(self._make_enter(v)) for v in views}
+        self.enter = {v: _compile(self._make_enter(v)) for v in views}
         self.between = {
-            v: [mx.compile(self._make_between(i, v)) for i in range(len(self.layers) - 1)] for v in views
+            v: [_compile(self._make_between(i, v)) for i in range(len(self.layers) - 1)] for v in views
         }
-        self.leave = {v: mx.compile(self._make_leave(v)) for v in views}
+        self.leave = {v: _compile(self._make_leave(v)) for v in views}
 
     def _angles(self, L: int, offset: mx.array):
         """cos and sin of the rotary angles at positions offset .. offset+L-1, as nn.RoPE has them;
@@ -92,24 +106,30 @@ class CompiledPasses:
         return h + layer.mlp(layer.post_attention_layernorm(h))
 
     def _make_enter(self, view: str) -> Callable:
+        passes = weakref.proxy(self)  # see _compile: the function outlives the passes
+
         def enter(tokens, offset):
-            h = self.model.model.embed_tokens(tokens)
-            angles = self._angles(tokens.shape[1], offset)
-            return (h, angles, *self._qkv(self.layers[0], view, h, angles))
+            h = passes.model.model.embed_tokens(tokens)
+            angles = passes._angles(tokens.shape[1], offset)
+            return (h, angles, *passes._qkv(passes.layers[0], view, h, angles))
 
         return enter
 
     def _make_between(self, i: int, view: str) -> Callable:
+        passes = weakref.proxy(self)
+
         def between(h, attended, angles):
-            h = self._residual(self.layers[i], view, h, attended)
-            return (h, *self._qkv(self.layers[i + 1], view, h, angles))
+            h = passes._residual(passes.layers[i], view, h, attended)
+            return (h, *passes._qkv(passes.layers[i + 1], view, h, angles))
 
         return between
 
     def _make_leave(self, view: str) -> Callable:
+        passes = weakref.proxy(self)
+
         def leave(h, attended):
-            h = self._residual(self.layers[-1], view, h, attended)
-            return self.model.lm_logits(self.model.model.norm(h))
+            h = passes._residual(passes.layers[-1], view, h, attended)
+            return passes.model.lm_logits(passes.model.model.norm(h))
 
         return leave
 

@@ -88,3 +88,26 @@ def test_ar_only_checkpoint_has_no_draft_pass(tmp_path):
     assert passes(mx.array([[1, 2]]), cache, "verify").shape == (1, 2, config["vocab_size"])
     with pytest.raises(ValueError, match="no diffusion view"):
         passes(mx.array([[1, 2]]), cache, "draft")
+
+
+def test_compiled_functions_outlive_their_model(tmp_path):
+    """MLX finds a compiled function's traces by the wrapped function's address, so a function
+    freed with its model could hand its address, and its traces, to a later model's pass. Every
+    wrapped function stays alive after its model is freed (so its address is never reused) and
+    holds the model only weakly."""
+    import gc
+    import weakref
+
+    from orthrus_mlx import passes as passes_module
+
+    model, _ = load_model(random_checkpoint(tmp_path, tiny_config(), seed=3))
+    before = len(passes_module._COMPILED_FUNCTIONS)
+    passes = CompiledPasses(model)
+    compiled = [*passes.enter.values(), *passes.leave.values(), *(f for fs in passes.between.values() for f in fs)]
+    functions = [weakref.ref(f) for f in passes_module._COMPILED_FUNCTIONS[before:]]
+    assert len(functions) == len(compiled)
+    model_alive = weakref.ref(model)
+    del model, passes, compiled
+    gc.collect()
+    assert model_alive() is None
+    assert all(f() is not None for f in functions)
