@@ -131,6 +131,10 @@ def client(address, answers: dict) -> None:
 
 
 def main(out: Path, model_path: str, quant_base: str, quant_drafter: str, odd_heads: str, port: str) -> None:
+    # A process started with SIGINT ignored (a background job of a shell without job control,
+    # as CI may run pytest) passes that on through mlx.launch: the client's Ctrl-C would then
+    # never stop rank 0's server and both ranks would wait forever.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     group = world()
     rank = group.rank()
     model, _ = load(model_path)
