@@ -23,12 +23,13 @@ from mlx_lm.models.base import scaled_dot_product_attention
 from .core.step import per_model
 from .models.diffusion import DiffusionModel as Model
 
-# MLX keys a compiled function's traces by the address of the Python function it wraps, so a
-# trace left behind by a freed function is replayed for any later function at that address. In
-# one long test process a model's pass once ran another model's trace (its weights, its head
-# size: a shape error, or wrong tokens where the shapes agreed). Every function compiled here is
-# kept for the life of the process, so no two ever share an address; each holds its passes only
-# weakly, so a model is still freed with its passes and traces.
+# MLX keys a compiled function's traces by the address of the Python function it wraps. In
+# long test processes a model's pass sometimes ran another model's trace (its weights, its head
+# size: a shape error, or wrong tokens where the shapes agreed), so a trace had outlived its
+# function and met a new one at the same address; how, we could not reproduce (MLX 0.32.4 erases
+# a wrapper's traces when it is freed, from any thread we tried). Every function compiled here
+# is kept for the life of the process, so no two ever share an address; each holds its passes
+# only weakly, so a model is still freed with its passes and traces.
 _COMPILED_FUNCTIONS: List[Callable] = []
 
 
