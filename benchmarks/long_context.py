@@ -50,7 +50,7 @@ from mlx_lm.models.cache import KVCache, QuantizedKVCache
 from orthrus_mlx import DecodeStats, mlx_generate
 from orthrus_mlx.core.sampling import SamplingParams
 from orthrus_mlx.generate import mlx_generate_steps
-from orthrus_mlx.loader import lay_out_for_cpu, model_args
+from orthrus_mlx.loader import model_args
 from orthrus_mlx.models import model_classes
 from orthrus_mlx.testing import tiny_config
 
@@ -70,19 +70,16 @@ RESULTS = Path(__file__).parent / "results"
 
 def random_model(layers: int, dtype=mx.float32, positions: int = 32768 + 1024):
     """Qwen3-1.7B's shapes with the diffusion view and random weights, built in memory (no
-    checkpoint on disk), float32 matrices stored transposed as `load` lays them out for the CPU."""
+    checkpoint on disk)."""
     config = tiny_config(**{**QWEN3_1_7B, "num_hidden_layers": layers, "max_position_embeddings": positions})
     model = model_classes(config)[0](model_args(config))
     for name, p in tree_flatten(model.parameters()):
         if name.endswith("norm.weight"):
             values = mx.ones(p.shape, dtype=dtype)
-        elif dtype == mx.float32:  # lay_out_for_cpu's layout: a transposed view of a contiguous W.T
-            values = random_normal(p.shape[::-1], dtype, 1 / np.sqrt(p.shape[-1])).T
         else:
             values = random_normal(p.shape, dtype, 1 / np.sqrt(p.shape[-1]))
         model.update(tree_unflatten([(name, values)]))
         mx.eval(values)  # one tensor at a time: no second copy of the model
-    lay_out_for_cpu(model)
     mx.eval(model.parameters())
     return model
 

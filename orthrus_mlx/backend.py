@@ -13,7 +13,6 @@ from .core.policy import AdaptiveBlock
 from .core.sampling import SamplingParams
 from .core.step import Scores
 from .kv_cache import CacheOptions, block_room, maybe_quantize
-from .loader import lay_out_for_cpu
 from .models.qwen3 import Model
 
 LogitsProcessor = Callable[[mx.array, mx.array], mx.array]  # (history, logits [1, vocab]) -> logits
@@ -254,7 +253,7 @@ def cost_key(model: Model) -> str:
     layer = model.layers[0].self_attn
     lora = sorted(name for name, m in model.named_modules() if hasattr(m, "lora_a"))  # adapters.py
     model_code = sorted({c.__module__ for c in type(model).__mro__ if c.__module__.startswith(__package__)})
-    code = source_hash(passes, MLXBackend, lay_out_for_cpu, *(sys.modules[m] for m in model_code))
+    code = source_hash(passes, MLXBackend, *(sys.modules[m] for m in model_code))
     group = distributed.model_group(model)
     return machine_key(
         "mlx", mx.__version__, str(mx.default_device()), code, repr(model.args),

@@ -166,21 +166,6 @@ def check_weights_finite(model: Model, where: Path, dtype: Optional[str] = None)
     check_finite(where, {k: mx.isfinite(v).all().item() for k, v in suspects}, dtype)
 
 
-def lay_out_for_cpu(model: Model) -> None:
-    """Store every float32 matrix transposed, keeping its shape and values.
-
-    A layer computes `x @ W.T`. On MLX's CPU backend that product, for the few
-    rows of a decoding pass, is faster when `W.T` is the contiguous one: BLAS then
-    packs no transposed operand (decoding steps 1.07-1.18x faster with OpenBLAS,
-    1.25-1.97x with MLX's bundled BLAS). `W` becomes a transposed view of a
-    contiguous `W.T`, so the model and its parameters read exactly as before.
-    """
-    matrices = (nn.Linear, nn.Embedding, nn.AllToShardedLinear, nn.ShardedToAllLinear)
-    for module in model.modules():
-        if isinstance(module, matrices) and module.weight.dtype == mx.float32:
-            module.weight = mx.contiguous(module.weight.T).T
-
-
 def load_all(
     path_or_repo: Union[str, Path],
     dtype: Optional[str] = None,
@@ -209,8 +194,6 @@ def load_all(
         if adapter_path is not None:
             raise ValueError("LoRA adapters (adapter_path) are not supported on a model sharded over ranks")
         model.shard(group)
-    if mx.default_device() == mx.cpu:
-        lay_out_for_cpu(model)
     if adapter_path is not None:
         load_adapters(model, adapter_path)
     if not lazy:
